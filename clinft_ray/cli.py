@@ -1,0 +1,94 @@
+"""The `clinft` command.
+
+    clinft run study.yaml [--out DIR] [--set key=value ...]   run a study (local GPUs, CPU, or a Ray cluster)
+    clinft demo [--out DIR] [--set key=value ...]             the built-in demo, no downloads, CPU is fine
+    clinft validate study.yaml [--set key=value ...]          check the config and every split, load no model
+
+Exit codes: 0 done, 2 bad config, data or resources (one line per problem, no row text), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from clinft_ray.config import ConfigError, load_study
+from clinft_ray.data import DataError
+
+log = logging.getLogger("clinft")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clinft", description="SFT then DPO on clinical tasks, with statistics.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("run", "run a study"), ("validate", "check a study's config and data")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("config", help="study YAML")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+        if name == "run":
+            p.add_argument("--out", help="output directory (overrides output_dir)")
+    p = sub.add_parser("demo", help="run the built-in demo study on a tiny local model")
+    p.add_argument("--out", default="clinft-demo", help="output directory (default: ./clinft-demo)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="clinft: %(message)s", stream=sys.stderr)
+    logging.getLogger("clinft").setLevel(logging.INFO)
+    try:
+        if args.command == "validate":
+            return validate(args.config, args.set)
+        if args.command == "demo":
+            from clinft_ray.demo import prepare_demo
+
+            config, out = prepare_demo(args.out), None
+        else:
+            config, out = args.config, args.out
+        return run(config, args.set, out)
+    except (ConfigError, DataError) as err:
+        for line in str(err).splitlines():
+            print(f"clinft: error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clinft: interrupted", file=sys.stderr)
+        return 130
+
+
+def validate(config: str, overrides: list[str]) -> int:
+    from clinft_ray.study import load_all_splits
+
+    study = load_study(config, overrides)
+    data = load_all_splits(study.config.tasks)
+    for name, splits in data.items():
+        print(f"{name}: " + ", ".join(f"{s} {len(rows)} rows" for s, rows in splits.items()))
+    print(f"{config}: OK ({study.sft_space.num_trials()} SFT + {study.dpo_space.num_trials()} DPO trials per task)")
+    return 0
+
+
+def run(config: str | Path, overrides: list[str], out: str | None) -> int:
+    from clinft_ray.report import results_table
+    from clinft_ray.study import PreflightError, mlflow_ui_command, run_study
+
+    study = load_study(config, overrides, output_dir=out)
+    try:
+        results = run_study(study)
+    except PreflightError as err:
+        print(f"clinft: error: {err}", file=sys.stderr)
+        return 2
+    out_dir = study.config.output_dir
+    print()
+    print(results_table(results))
+    print()
+    print(f"results: {out_dir / 'results.json'}")
+    print(f"report:  {out_dir / 'report.md'}")
+    print(f"per-example outcomes: {out_dir / 'outcomes.jsonl'}")
+    print(f"MLflow:  {mlflow_ui_command(results, out_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

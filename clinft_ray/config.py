@@ -1,0 +1,289 @@
+"""The study config: typed, strict, and validated completely before any compute.
+
+A study is one YAML file (see `examples/study.yaml`). `load_study(path, overrides)` reads it, applies
+`--set key=value` overrides to the raw data (so they go through the same validation), resolves
+relative paths against the config file's folder, loads the two search-space files, and returns a
+frozen `StudyConfig`. Every problem is collected and raised together as one `ConfigError` whose lines
+name the dotted key, the bad value's type (never a data row) and the fix; unknown keys get a
+"did you mean".
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from clinft_ray.spaces import SearchSpace, load_space
+
+SPLITS = ("train", "eval", "dev", "test")
+
+
+class ConfigError(ValueError):
+    """A config or search-space file is invalid. `problems` holds one line per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = Field(min_length=1, description="hub id or local path")
+    finetune: Literal["lora", "full"] = "lora"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    lora: LoraConfig = LoraConfig()
+    max_length: int = Field(1024, gt=8, description="prompt + answer tokens; longer rows are truncated")
+
+
+class Splits(_Strict):
+    train: Path
+    eval: Path
+    dev: Path
+    test: Path
+
+
+class TaskConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    kind: Literal["classification"]
+    labels: list[str] = Field(min_length=2)
+    positive_label: str | None = None
+    scoring: Literal["loglik", "generate"] = "loglik"
+    max_new_tokens: int = Field(16, gt=0)
+    splits: Splits
+
+    @model_validator(mode="after")
+    def _labels(self) -> TaskConfig:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels {self.labels} repeat a label; list each label once")
+        if self.positive_label is not None and self.positive_label not in self.labels:
+            raise ValueError(
+                f"positive_label {self.positive_label!r} is not one of labels {self.labels}; "
+                "pick one of them, or drop positive_label for macro F1"
+            )
+        if self.positive_label is not None and len(self.labels) != 2:
+            raise ValueError("positive_label needs exactly two labels; drop it for macro F1")
+        return self
+
+    @property
+    def metric(self) -> str:
+        """The dev/test metric used for selection: binary F1 with a positive label, else macro F1."""
+        return "f1"
+
+
+class StageConfig(_Strict):
+    space: Path
+
+
+class Resources(_Strict):
+    gpus_per_trial: float | Literal["auto"] = "auto"
+    cpus_per_trial: float = Field(1, gt=0)
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _gpus(cls, v: float | str) -> float | str:
+        if isinstance(v, float | int) and v < 0:
+            raise ValueError(f"gpus_per_trial is {v}; use 0 for CPU, a fraction, a whole number, or 'auto'")
+        return v
+
+
+class StatsConfig(_Strict):
+    alpha: float = Field(0.05, gt=0, lt=1)
+    comparisons: int | None = Field(
+        None, gt=0, description="Bonferroni divisor; default: the number of tasks, as in the paper"
+    )
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str | None = None
+    experiment: str | None = None
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="None: start a local Ray; 'auto' or ray://...: join one")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of the local Ray; default: all")
+
+
+class StudyConfig(_Strict):
+    study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    output_dir: Path
+    seed: int = 0
+    model: ModelConfig
+    tasks: list[TaskConfig] = Field(min_length=1)
+    sft: StageConfig
+    dpo: StageConfig
+    resources: Resources = Resources()
+    stats: StatsConfig = StatsConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _unique_tasks(self) -> StudyConfig:
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names {dupes} repeat; give every task its own name")
+        return self
+
+
+class Study(BaseModel):
+    """A validated study: the config and its two loaded search spaces."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    config: StudyConfig
+    sft_space: SearchSpace
+    dpo_space: SearchSpace
+    source: Path
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """`["a.b=1", "tasks.0.name=x"]` -> `[("a.b", 1), ("tasks.0.name", "x")]`; values are YAML."""
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("--set", [f"{item!r} is not key=value; write e.g. --set seed=1"])
+        out.append((key.strip(), yaml.safe_load(value) if value else ""))
+    return out
+
+
+def apply_override(data: dict, key: str, value: Any) -> None:
+    """Set a dotted key (list items by index) in raw config data, creating missing mappings."""
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError("--set", [f"{key}: {part!r} is not an index of a {len(node)}-item list"])
+            idx = int(part)
+            if last:
+                node[idx] = value
+            node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError("--set", [f"{key}: {'.'.join(parts[:i])} is not a mapping or list"])
+
+
+def _known_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names allowed at `loc` (the parent of an unknown key), for 'did you mean'."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type)]
+        nxt = ann if isinstance(ann, type) else next((a for a in args if issubclass(a, BaseModel)), None)
+        if nxt is None or not issubclass(nxt, BaseModel):
+            return []
+        model = nxt
+    return list(model.model_fields)
+
+
+def format_errors(err: ValidationError, model: type[BaseModel]) -> list[str]:
+    """One line per pydantic error: dotted key, what is wrong, how to fix. Input values are not echoed."""
+    lines = []
+    for e in err.errors(include_url=False, include_input=False):
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            known = _known_fields(model, loc[:-1])
+            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            fix = f"did you mean {hint[0]!r}?" if hint else f"allowed keys here: {', '.join(known)}"
+            lines.append(f"{key}: unknown key; {fix}")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required key is missing; add it")
+        else:
+            msg = re.sub(r"^Value error, ", "", e["msg"])
+            lines.append(f"{key}: {msg}")
+    return lines
+
+
+def _resolve(base: Path, p: Path | str) -> Path:
+    p = Path(os.path.expanduser(str(p)))
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None, output_dir: str | None = None) -> Study:
+    """Read, override, validate and resolve a study config and its search spaces.
+
+    Raises `ConfigError` listing every problem found. Relative paths in the file are relative to the
+    file's folder; `--out` (`output_dir`) is relative to the current directory.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise ConfigError(str(source), ["file not found; pass the path of a study YAML"])
+    try:
+        data = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f"line {where.line + 1}: " if where else ""
+        raise ConfigError(str(source), [f"{line}not valid UTF-8 YAML; fix the syntax"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(source), ["the file must be a YAML mapping of keys (study:, model:, tasks:, ...)"])
+    for key, value in parse_overrides(overrides or []):
+        apply_override(data, key, value)
+    if output_dir is not None:
+        data["output_dir"] = str(Path(output_dir).resolve())
+    try:
+        cfg = StudyConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(str(source), format_errors(err, StudyConfig)) from None
+    return _resolve_study(cfg, source)
+
+
+def _resolve_study(cfg: StudyConfig, source: Path) -> Study:
+    base = source.resolve().parent
+    tasks = [
+        t.model_copy(update={"splits": Splits(**{s: _resolve(base, getattr(t.splits, s)) for s in SPLITS})})
+        for t in cfg.tasks
+    ]
+    model = cfg.model
+    local = _resolve(base, model.name_or_path)
+    if local.exists() or model.name_or_path.startswith((".", "/", "~")):
+        model = model.model_copy(update={"name_or_path": str(local)})
+    cfg = cfg.model_copy(
+        update={
+            "tasks": tasks,
+            "model": model,
+            "output_dir": _resolve(base, cfg.output_dir),
+            "sft": StageConfig(space=_resolve(base, cfg.sft.space)),
+            "dpo": StageConfig(space=_resolve(base, cfg.dpo.space)),
+        }
+    )
+    problems, spaces = [], {}
+    for stage in ("sft", "dpo"):
+        try:
+            spaces[stage] = load_space(getattr(cfg, stage).space, stage)
+        except ConfigError as err:
+            problems += [f"{stage}.space ({err.source}): {p}" for p in err.problems]
+    for t in cfg.tasks:
+        for s in SPLITS:
+            p = getattr(t.splits, s)
+            if not p.exists():
+                problems.append(f"tasks.{t.name}.splits.{s}: {p} does not exist; fix the path")
+    if problems:
+        raise ConfigError(str(source), problems)
+    return Study(config=cfg, sft_space=spaces["sft"], dpo_space=spaces["dpo"], source=source.resolve())

@@ -1,0 +1,116 @@
+"""Seeded generator of the demo's synthetic UTI-style classification task.
+
+Shaped like the paper's simple classification task: a short clinical passage that describes either a
+urinary tract infection (pyuria AND lower urinary tract symptoms) or pyuria only, and the answer `UTI`
+or `pyuria`. Every case is made up from templates by this script: there is no patient data here.
+
+    python -m clinft_ray.demo.make_uti_data OUT_DIR [--seed 0]
+
+writes `train.jsonl`, `eval.jsonl`, `dev.jsonl` and `test.jsonl` (the paper's 300/200/100/200 rows by
+default) with the columns `id`, `prompt`, `chosen`, `rejected`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+QUESTION = (
+    "Does this passage describe a urinary tract infection (pyuria with lower urinary tract "
+    "symptoms) or pyuria only? Answer UTI or pyuria."
+)
+LABELS = ("UTI", "pyuria")
+SPLIT_SIZES = {"train": 300, "eval": 200, "dev": 100, "test": 200}
+
+_AGES = range(19, 91)
+_SEXES = ("woman", "man")
+_SETTINGS = ("clinic", "emergency department", "urgent care", "telehealth visit")
+_SYMPTOMS = (
+    "dysuria",
+    "urinary frequency",
+    "urinary urgency",
+    "suprapubic pain",
+    "burning on urination",
+    "new incontinence",
+)
+_OTHER_REASONS = (
+    "follow-up of hypertension",
+    "a routine annual physical",
+    "preoperative evaluation before knee surgery",
+    "medication refill for diabetes",
+    "evaluation of a chronic cough",
+    "a rash on the forearm",
+    "low back pain after lifting",
+    "fatigue for two weeks",
+)
+_NO_SYMPTOMS = (
+    "No urinary complaints are reported.",
+    "The patient reports no urinary complaints.",
+    "Review of systems is otherwise negative.",
+)
+_EXTRAS = (
+    "Vital signs are within normal limits.",
+    "Temperature is 37.1 C.",
+    "Past history includes hyperlipidemia.",
+    "The patient takes lisinopril daily.",
+    "There is no flank tenderness.",
+    "Creatinine is at baseline.",
+)
+
+
+def make_case(rng: random.Random, label: str) -> str:
+    """One passage of the given label, built from the templates above."""
+    age, sex, setting = rng.choice(_AGES), rng.choice(_SEXES), rng.choice(_SETTINGS)
+    wbc = rng.randint(11, 80)
+    extras = rng.sample(_EXTRAS, k=2)
+    if label == "UTI":
+        symptoms = rng.sample(_SYMPTOMS, k=rng.randint(1, 2))
+        visit = f"presents to the {setting} with {' and '.join(symptoms)}."
+        middle = f"Urinalysis shows {wbc} WBC per high power field."
+    else:
+        visit = f"presents to the {setting} for {rng.choice(_OTHER_REASONS)}."
+        middle = f"Urinalysis shows {wbc} WBC per high power field. {rng.choice(_NO_SYMPTOMS)}"
+    return f"A {age}-year-old {sex} {visit} {middle} {' '.join(extras)}"
+
+
+def make_rows(rng: random.Random, split: str, n: int) -> list[dict[str, str]]:
+    """`n` rows with balanced labels, shuffled; ids are `<split>-<index>`."""
+    labels = [LABELS[i % 2] for i in range(n)]
+    rng.shuffle(labels)
+    rows = []
+    for i, label in enumerate(labels):
+        other = LABELS[1 - LABELS.index(label)]
+        prompt = f"{QUESTION}\n\n{make_case(rng, label)}"
+        rows.append({"id": f"{split}-{i:04d}", "prompt": prompt, "chosen": label, "rejected": other})
+    return rows
+
+
+def write_splits(out_dir: str | Path, seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, Path]:
+    """Write the four splits as JSONL into `out_dir`; returns split name -> path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = {}
+    for split, n in (sizes or SPLIT_SIZES).items():
+        path = out / f"{split}.jsonl"
+        with path.open("w", encoding="utf-8") as f:
+            for row in make_rows(rng, split, n):
+                f.write(json.dumps(row) + "\n")
+        paths[split] = path
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for split, path in write_splits(args.out_dir, args.seed).items():
+        print(f"{split}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

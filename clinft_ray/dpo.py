@@ -1,0 +1,84 @@
+"""DPO stage: trials over learning rate x beta, each a TRL `DPOTrainer` run from the selected SFT model.
+
+Every trial starts from the SFT checkpoint selected on dev (`init_from`). With LoRA, the SFT adapter
+is merged into the base and a fresh DPO adapter is trained on top, so the reference model is the
+same network with the adapter disabled (no second copy in memory); with full fine-tuning the
+reference is a second, frozen load of the SFT checkpoint. Preference rows are prompt / chosen (gold)
+/ rejected. Trials report dev scores with checkpoints like the SFT stage (`sweep.DevReport`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+from clinft_ray.config import Study, TaskConfig
+from clinft_ray.data import dpo_rows, load_split
+from clinft_ray.evaluate import score_split
+from clinft_ray.modeling import has_chat_template, load_model, load_tokenizer, peft_config, save_checkpoint, torch_dtype
+from clinft_ray.sweep import DevReport, StageResult, quiet_worker, run_sweep, summarize, trainer_kwargs
+from clinft_ray.tracking import Tracker, TrialRuns
+
+
+def dpo_trial(hp: dict[str, Any], *, study: Study, task: TaskConfig, init_from: str) -> None:
+    """Tune trainable: train one DPO configuration; `hp` holds learning_rate and beta."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    cfg, space = study.config, study.dpo_space
+    quiet_worker(cfg.resources.cpus_per_trial)
+    tok = load_tokenizer(cfg.model)
+    chat = has_chat_template(tok)
+    train, evl, dev = (load_split(getattr(task.splits, s), task.labels) for s in ("train", "eval", "dev"))
+    lora = cfg.model.finetune == "lora"
+
+    def score(model: Any):
+        return score_split(model, tok, task, dev, cfg.model.max_length)
+
+    def save(model: Any, folder: str, step: int) -> None:
+        # A LoRA DPO adapter only makes sense on top of its SFT model: record it as the parent.
+        save_checkpoint(model, folder, cfg.model, parent=init_from if lora else None, step=step)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        args = DPOConfig(
+            **trainer_kwargs(space, hp, cfg.seed, torch_dtype(cfg.model), scratch),
+            beta=float(hp["beta"]),
+            loss_type=[space.loss_type],
+            max_length=cfg.model.max_length,
+        )
+        trainer = DPOTrainer(
+            model=load_model(cfg.model, init_from),
+            ref_model=None if lora else load_model(cfg.model, init_from),
+            args=args,
+            train_dataset=Dataset.from_list(dpo_rows(train, chat)),
+            eval_dataset=Dataset.from_list(dpo_rows(evl, chat)),
+            processing_class=tok,
+            peft_config=peft_config(cfg.model),
+            callbacks=[DevReport(score, save, task.metric)],
+        )
+        trainer.train()
+
+
+def run_dpo(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, resources: dict[str, float],
+            sft: StageResult) -> StageResult:
+    """Sweep DPO from the selected SFT checkpoint, log every trial under a `dpo` stage run (tagged
+    with the SFT trial's run id), select the best on dev."""
+    from ray import tune
+
+    cfg, space = study.config, study.dpo_space
+    tags = {"clinft.task": task.name, "clinft.stage": "dpo", "clinft.init_from": sft.selected_run_id}
+    stage_run = tracker.start("dpo", parent=task_run, tags=tags)
+    fixed = {"max_steps": space.max_steps, "eval_steps": space.eval_steps, "batch_size": space.batch_size,
+             "seed": cfg.seed, "model": cfg.model.name_or_path, "finetune": cfg.model.finetune,
+             "loss_type": space.loss_type, "init_from_step": sft.selected.step}
+    runs = TrialRuns(tracker, stage_run, resources, fixed_params=fixed, tags=tags)
+    grid = run_sweep(
+        tune.with_parameters(dpo_trial, study=study, task=task, init_from=sft.checkpoint),
+        name=f"{task.name}-dpo",
+        space=space,
+        resources=resources,
+        storage_path=cfg.output_dir / "ray",
+        callbacks=[runs],
+        metric=task.metric,
+    )
+    return summarize("dpo", stage_run, grid, runs, task.metric)

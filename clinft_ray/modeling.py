@@ -1,0 +1,104 @@
+"""Loading models and tokenizers, and clinft-ray's checkpoint format.
+
+A checkpoint is a folder with `clinft_checkpoint.json` beside the weights:
+
+    {"finetune": "lora" | "full", "base_model": "<hub id or path>", "parent": "<checkpoint path> | null",
+     "step": <optimizer step it was saved at>}
+
+A full checkpoint holds the whole model. A LoRA checkpoint holds only its adapter, trained on top of
+`parent` (the selected SFT checkpoint, for a DPO adapter) or of `base_model`; `load_model` rebuilds
+the chain and merges the adapters, so any checkpoint loads as one plain model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from clinft_ray.config import ModelConfig
+
+MANIFEST = "clinft_checkpoint.json"
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_dtype(cfg: ModelConfig) -> Any:
+    """The dtype to load weights in; 'auto' is bf16 on a GPU that supports it, else fp32."""
+    import torch
+
+    if cfg.dtype == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.name_or_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(cfg: ModelConfig) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=torch_dtype(cfg))
+
+
+def load_model(cfg: ModelConfig, checkpoint: str | Path | None) -> Any:
+    """The base model (`checkpoint=None`) or a clinft-ray checkpoint, as one plain model."""
+    if checkpoint is None:
+        return load_base(cfg)
+    from transformers import AutoModelForCausalLM
+
+    ckpt = Path(checkpoint)
+    manifest = read_manifest(ckpt)
+    if manifest["finetune"] == "full":
+        return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype(cfg))
+    from peft import PeftModel
+
+    below = load_model(cfg, manifest["parent"]) if manifest["parent"] else load_base(cfg)
+    return PeftModel.from_pretrained(below, ckpt).merge_and_unload()
+
+
+def peft_config(cfg: ModelConfig) -> Any:
+    """The LoRA adapter config, or None for full fine-tuning."""
+    if cfg.finetune != "lora":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def save_checkpoint(model: Any, out_dir: str | Path, cfg: ModelConfig, parent: str | None, step: int) -> Path:
+    """Save a training model (PEFT adapter or full weights) with its manifest; returns the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    manifest = {"finetune": cfg.finetune, "base_model": cfg.name_or_path, "parent": parent, "step": step}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def read_manifest(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt} has no {MANIFEST}: not a complete clinft-ray checkpoint")
+    return json.loads(path.read_text())
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))

@@ -1,0 +1,75 @@
+"""SFT stage: one Ray Tune trial per learning rate, each a TRL `SFTTrainer` run.
+
+Rows are prompt/completion pairs (the gold answer as the completion), so the loss is on the answer
+only, TRL's default for that format. LoRA or full weights per `model.finetune`. Each trial requests
+`resources` from Ray, so trials spread across the GPUs of the machine or cluster, and reports its
+dev score with a checkpoint at every eval interval (see `sweep.DevReport`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+from clinft_ray.config import Study, TaskConfig
+from clinft_ray.data import load_split, sft_rows
+from clinft_ray.evaluate import score_split
+from clinft_ray.modeling import has_chat_template, load_base, load_tokenizer, peft_config, save_checkpoint, torch_dtype
+from clinft_ray.sweep import DevReport, StageResult, quiet_worker, run_sweep, summarize, trainer_kwargs
+from clinft_ray.tracking import Tracker, TrialRuns
+
+
+def sft_trial(hp: dict[str, Any], *, study: Study, task: TaskConfig) -> None:
+    """Tune trainable: train one SFT configuration; `hp` holds the swept values (learning_rate)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = study.config
+    quiet_worker(cfg.resources.cpus_per_trial)
+    tok = load_tokenizer(cfg.model)
+    chat = has_chat_template(tok)
+    train, evl, dev = (load_split(getattr(task.splits, s), task.labels) for s in ("train", "eval", "dev"))
+
+    def score(model: Any):
+        return score_split(model, tok, task, dev, cfg.model.max_length)
+
+    def save(model: Any, folder: str, step: int) -> None:
+        save_checkpoint(model, folder, cfg.model, parent=None, step=step)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        args = SFTConfig(
+            **trainer_kwargs(study.sft_space, hp, cfg.seed, torch_dtype(cfg.model), scratch),
+            max_length=cfg.model.max_length,
+        )
+        trainer = SFTTrainer(
+            model=load_base(cfg.model),
+            args=args,
+            train_dataset=Dataset.from_list(sft_rows(train, chat)),
+            eval_dataset=Dataset.from_list(sft_rows(evl, chat)),
+            processing_class=tok,
+            peft_config=peft_config(cfg.model),
+            callbacks=[DevReport(score, save, task.metric)],
+        )
+        trainer.train()
+
+
+def run_sft(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, resources: dict[str, float]) -> StageResult:
+    """Sweep SFT for one task, log every trial under an `sft` stage run, select the best on dev."""
+    from ray import tune
+
+    cfg, space = study.config, study.sft_space
+    tags = {"clinft.task": task.name, "clinft.stage": "sft"}
+    stage_run = tracker.start("sft", parent=task_run, tags=tags)
+    fixed = {"max_steps": space.max_steps, "eval_steps": space.eval_steps, "batch_size": space.batch_size,
+             "seed": cfg.seed, "model": cfg.model.name_or_path, "finetune": cfg.model.finetune}
+    runs = TrialRuns(tracker, stage_run, resources, fixed_params=fixed, tags=tags)
+    grid = run_sweep(
+        tune.with_parameters(sft_trial, study=study, task=task),
+        name=f"{task.name}-sft",
+        space=space,
+        resources=resources,
+        storage_path=cfg.output_dir / "ray",
+        callbacks=[runs],
+        metric=task.metric,
+    )
+    return summarize("sft", stage_run, grid, runs, task.metric)

@@ -1,0 +1,123 @@
+"""Search-space files (`tune_spaces/*.yaml`): commented data with a closed vocabulary, never code.
+
+A space file names its stage, the swept hyperparameters and the fixed training schedule:
+
+    stage: dpo
+    learning_rate: {grid: [1.0e-5, 1.0e-6, 1.0e-7, 1.0e-8]}
+    beta: {grid: [0.1, 0.3, 0.5]}
+    max_steps: 1000
+    eval_steps: 50
+
+A swept value is a plain number (fixed), `{grid: [...]}` (every value, crossed with the other grids),
+`{choice: [...]}` or `{loguniform: [low, high]}` (sampled `num_samples` times). `to_param_space()`
+turns it into the `param_space` of a Ray Tune `Tuner`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Grid(_Strict):
+    grid: list[float] = Field(min_length=1)
+
+
+class Choice(_Strict):
+    choice: list[float] = Field(min_length=1)
+
+
+class LogUniform(_Strict):
+    loguniform: tuple[float, float]
+
+    @model_validator(mode="after")
+    def _order(self) -> LogUniform:
+        lo, hi = self.loguniform
+        if not 0 < lo < hi:
+            raise ValueError(f"loguniform [{lo}, {hi}] needs 0 < low < high")
+        return self
+
+
+Param = float | Grid | Choice | LogUniform
+
+
+class SearchSpace(_Strict):
+    stage: Literal["sft", "dpo"]
+    learning_rate: Param
+    beta: Param | None = None
+    num_samples: int = Field(1, gt=0, description="repeats of the grid, or samples of choice/loguniform")
+    max_steps: int = Field(gt=0)
+    eval_steps: int = Field(gt=0, description="steps between eval loss + dev score + checkpoint")
+    batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    weight_decay: float = Field(0.0, ge=0)
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+
+    @model_validator(mode="after")
+    def _stage_fields(self) -> SearchSpace:
+        if self.stage == "dpo" and self.beta is None:
+            raise ValueError("a dpo space needs beta, e.g. beta: {grid: [0.1, 0.3, 0.5]}")
+        if self.stage == "sft" and self.beta is not None:
+            raise ValueError("beta is a DPO hyperparameter; remove it from the sft space")
+        if self.eval_steps > self.max_steps:
+            raise ValueError(
+                f"eval_steps {self.eval_steps} > max_steps {self.max_steps}: no checkpoint would be "
+                "scored; lower eval_steps"
+            )
+        return self
+
+    def swept(self) -> dict[str, Param]:
+        """The hyperparameters a trial receives in its Tune config."""
+        out: dict[str, Param] = {"learning_rate": self.learning_rate}
+        if self.beta is not None:
+            out["beta"] = self.beta
+        return out
+
+    def to_param_space(self) -> dict[str, Any]:
+        from ray import tune
+
+        def one(p: Param) -> Any:
+            if isinstance(p, Grid):
+                return tune.grid_search(p.grid)
+            if isinstance(p, Choice):
+                return tune.choice(p.choice)
+            if isinstance(p, LogUniform):
+                return tune.loguniform(*p.loguniform)
+            return p
+
+        return {k: one(v) for k, v in self.swept().items()}
+
+    def num_trials(self) -> int:
+        """Trials Tune will run: the product of the grids, times `num_samples`."""
+        sizes = [len(p.grid) for p in self.swept().values() if isinstance(p, Grid)]
+        return math.prod(sizes) * self.num_samples
+
+
+def load_space(path: str | Path, stage: str) -> SearchSpace:
+    """Load and validate a space file for `stage`; raises `ConfigError` listing every problem."""
+    from clinft_ray.config import ConfigError, format_errors
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(p), ["file not found; point the stage's space: at a tune_spaces/*.yaml"])
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise ConfigError(str(p), ["not valid UTF-8 YAML; fix the syntax"]) from None
+    try:
+        space = SearchSpace.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(str(p), format_errors(err, SearchSpace)) from None
+    if space.stage != stage:
+        raise ConfigError(str(p), [f"stage: the file is a {space.stage} space, used as the {stage} space"])
+    return space

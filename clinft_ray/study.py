@@ -1,0 +1,256 @@
+"""The study, top to bottom: the paper's protocol for every task of a validated config.
+
+    data -> base on test -> SFT sweep -> pick on dev -> DPO sweep from that pick -> pick on dev
+         -> base / SFT / DPO on test -> paired statistics -> results.json, outcomes.jsonl, report.md
+
+Everything heavy runs on Ray (trials via Tune, test scoring as Ray tasks with the same resources as a
+trial), so the same code uses one local GPU, several, or a cluster. Every run and its device-hours
+go to MLflow through `tracking.Tracker`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clinft_ray.config import SPLITS, Study, TaskConfig
+from clinft_ray.data import DataError, Example, fingerprint, load_split
+from clinft_ray.dpo import run_dpo
+from clinft_ray.evaluate import Scored
+from clinft_ray.report import write_outputs
+from clinft_ray.sft import run_sft
+from clinft_ray.stats import bonferroni_threshold, mcnemar
+from clinft_ray.sweep import StageResult
+from clinft_ray.tracking import Tracker, default_tracking_uri, redact_uri, trial_hours
+
+log = logging.getLogger("clinft")
+PAIRS = (("base", "sft"), ("sft", "dpo"), ("base", "dpo"))
+
+
+class PreflightError(RuntimeError):
+    """The cluster, tracking server or storage cannot run this study as configured."""
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """A model scored on test (and dev for the base model), and what the scoring cost."""
+
+    test: Scored
+    dev: Scored | None
+    hours: dict[str, float]
+
+
+def run_study(study: Study) -> dict[str, Any]:
+    """Run the whole study; returns the `results.json` content. Assumes a validated `Study`."""
+    cfg = study.config
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    data = load_all_splits(cfg.tasks)  # every split checked before any compute
+    resources = start_ray(study)
+    tracker = Tracker(cfg.mlflow.tracking_uri or default_tracking_uri(cfg.output_dir), cfg.mlflow.experiment or cfg.study)
+    study_run = tracker.start(cfg.study, tags={"clinft.kind": "study"})
+    tracker.params(study_run, {"model": cfg.model.name_or_path, "finetune": cfg.model.finetune, "seed": cfg.seed,
+                               "tasks": ",".join(t.name for t in cfg.tasks), "alpha": cfg.stats.alpha})
+    status = "FAILED"
+    try:
+        m = cfg.stats.comparisons or len(cfg.tasks)
+        results: dict[str, Any] = {
+            "study": cfg.study,
+            "alpha": cfg.stats.alpha,
+            "comparisons_m": m,
+            "threshold": bonferroni_threshold(cfg.stats.alpha, m),
+            "tasks": {},
+            "mlflow": {"tracking_uri": redact_uri(tracker.tracking_uri), "experiment_id": tracker.experiment_id,
+                       "study_run_id": study_run},
+        }
+        outcomes: list[dict[str, Any]] = []
+        for task in cfg.tasks:
+            results["tasks"][task.name] = run_task(study, task, data[task.name], tracker, study_run, resources,
+                                                   results["threshold"], outcomes)
+        totals = {k: sum(t[k] for t in results["tasks"].values()) for k in ("gpu_hours", "cpu_hours")}
+        tracker.metrics(study_run, totals)
+        for path in write_outputs(cfg.output_dir, results, outcomes):
+            tracker.artifact(study_run, path)
+        status = "FINISHED"
+        return results
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(study_run, status)
+
+
+def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tracker: Tracker, study_run: str,
+             resources: dict[str, float], threshold: float, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One task through the protocol; appends its test outcomes to `outcomes`, returns its results."""
+    task_run = tracker.start(task.name, parent=study_run, tags={"clinft.task": task.name})
+    status = "FAILED"
+    try:
+        for s in SPLITS:  # fingerprints, not content: tells datasets apart without patient text
+            path = getattr(task.splits, s)
+            tracker.params(task_run, {f"data.{s}.sha256": fingerprint(path), f"data.{s}.rows": len(data[s])})
+
+        log.info("[%s] base model on test", task.name)
+        base_run = tracker.start("base", parent=task_run, tags={"clinft.task": task.name, "clinft.stage": "base"})
+        base = evaluate(study, task, None, resources, with_dev=True)
+        stages = {"base": log_base(tracker, base_run, base)}
+        scored = {"base": base.test}
+
+        log.info("[%s] SFT sweep: %d trials", task.name, study.sft_space.num_trials())
+        sft = run_sft(study, task, tracker, task_run, resources)
+        log.info("[%s] SFT selected %s at step %d (dev %s %.3f)", task.name, _hp(sft.hparams), sft.selected.step,
+                 task.metric, sft.selected.dev)
+        scored["sft"] = evaluate(study, task, sft.checkpoint, resources).test
+        stages["sft"] = log_stage(tracker, sft, scored["sft"], task.metric)
+
+        log.info("[%s] DPO sweep from the selected SFT checkpoint: %d trials", task.name, study.dpo_space.num_trials())
+        dpo = run_dpo(study, task, tracker, task_run, resources, sft)
+        log.info("[%s] DPO selected %s at step %d (dev %s %.3f)", task.name, _hp(dpo.hparams), dpo.selected.step,
+                 task.metric, dpo.selected.dev)
+        scored["dpo"] = evaluate(study, task, dpo.checkpoint, resources).test
+        stages["dpo"] = log_stage(tracker, dpo, scored["dpo"], task.metric)
+
+        for stage, s in scored.items():
+            outcomes += [{"task": task.name, "stage": stage, "id": i, "correct": c} for i, c in zip(s.ids, s.correct)]
+        result = {
+            "kind": task.kind,
+            "metric": task.metric,
+            "n_test": len(base.test.ids),
+            "stages": stages,
+            "comparisons": compare(scored, threshold),
+            **task_costs(stages),
+        }
+        tracker.metrics(task_run, {k: v for k, v in result.items() if k.endswith(("_hours", "_ratio")) and v is not None})
+        status = "FINISHED"
+        return result
+    finally:
+        tracker.end(task_run, status)
+
+
+def load_all_splits(tasks: list[TaskConfig]) -> dict[str, dict[str, list[Example]]]:
+    """Every split of every task, checked; raises one `DataError` listing all problems."""
+    data: dict[str, dict[str, list[Example]]] = {}
+    problems: list[str] = []
+    for task in tasks:
+        data[task.name] = {}
+        for s in SPLITS:
+            try:
+                data[task.name][s] = load_split(getattr(task.splits, s), task.labels)
+            except DataError as err:
+                problems += err.problems
+    if problems:
+        raise DataError(problems)
+    return data
+
+
+def start_ray(study: Study) -> dict[str, float]:
+    """Join (or start) Ray and return the per-trial resource request, checked against the cluster."""
+    import ray
+
+    cfg = study.config
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+                 logging_level=logging.WARNING)
+    avail = ray.cluster_resources()
+    gpus = cfg.resources.gpus_per_trial
+    if gpus == "auto":
+        gpus = 1.0 if avail.get("GPU", 0) >= 1 else 0.0
+    cpus = cfg.resources.cpus_per_trial
+    if gpus > avail.get("GPU", 0):
+        raise PreflightError(f"resources.gpus_per_trial is {gpus} but Ray sees {avail.get('GPU', 0):g} GPUs; "
+                             "lower it (0 runs on CPU) or add GPU nodes")
+    if cpus > avail.get("CPU", 0):
+        raise PreflightError(f"resources.cpus_per_trial is {cpus} but Ray sees {avail.get('CPU', 0):g} CPUs; lower it")
+    return {"CPU": float(cpus), "GPU": float(gpus)}
+
+
+def _score_task(study: Study, task: TaskConfig, checkpoint: str | None, with_dev: bool) -> tuple[Scored, Scored | None, float]:
+    from clinft_ray.evaluate import score_split
+    from clinft_ray.modeling import device, load_model, load_tokenizer
+    from clinft_ray.sweep import quiet_worker
+
+    cfg = study.config
+    quiet_worker(cfg.resources.cpus_per_trial)
+    start = time.monotonic()
+    tok = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, checkpoint).to(device())
+    splits = ("test", "dev") if with_dev else ("test",)
+    scored = [score_split(model, tok, task, load_split(getattr(task.splits, s), task.labels), cfg.model.max_length)
+              for s in splits]
+    return scored[0], scored[1] if with_dev else None, time.monotonic() - start
+
+
+def evaluate(study: Study, task: TaskConfig, checkpoint: str | None, resources: dict[str, float],
+             with_dev: bool = False) -> Evaluated:
+    """Score the base model (`checkpoint=None`) or a checkpoint, as a Ray task with a trial's resources."""
+    import ray
+
+    remote = ray.remote(_score_task).options(num_cpus=resources["CPU"], num_gpus=resources["GPU"])
+    test, dev, seconds = ray.get(remote.remote(study, task, checkpoint, with_dev))
+    return Evaluated(test=test, dev=dev, hours=trial_hours(resources, seconds))
+
+
+def log_base(tracker: Tracker, run: str, base: Evaluated) -> dict[str, Any]:
+    tracker.metrics(run, {**{f"test/{k}": v for k, v in base.test.metrics.items()},
+                          **{f"dev/{k}": v for k, v in base.dev.metrics.items()}, **base.hours})
+    tracker.end(run)
+    return {"dev": base.dev.metrics, "test": base.test.metrics, "trials": 0, **base.hours}
+
+
+def log_stage(tracker: Tracker, stage: StageResult, test: Scored, metric: str) -> dict[str, Any]:
+    """Record a finished sweep on its stage run and return its `results.json` entry."""
+    selected = {**stage.hparams, "step": stage.selected.step, "trial": stage.selected.payload.path.rsplit("/", 1)[-1],
+                "mlflow_run_id": stage.selected_run_id}
+    tracker.params(stage.run_id, {f"selected.{k}": v for k, v in selected.items()})
+    tracker.tag(stage.run_id, "clinft.selected_run_id", stage.selected_run_id)
+    tracker.metrics(stage.run_id, {f"dev/{metric}": stage.selected.dev, **{f"test/{k}": v for k, v in test.metrics.items()},
+                                   "trials": stage.trials, "gpu_hours": stage.gpu_hours, "cpu_hours": stage.cpu_hours})
+    tracker.end(stage.run_id)
+    return {
+        "selected": selected,
+        "dev": {metric: stage.selected.dev},
+        "test": test.metrics,
+        "trials": stage.trials,
+        "gpu_hours": stage.gpu_hours,
+        "cpu_hours": stage.cpu_hours,
+        "checkpoint": stage.checkpoint,
+    }
+
+
+def compare(scored: dict[str, Scored], threshold: float) -> list[dict[str, Any]]:
+    """McNemar on paired correct/incorrect outcomes for base-SFT, SFT-DPO and base-DPO."""
+    out = []
+    for a, b in PAIRS:
+        if scored[a].ids != scored[b].ids:
+            raise RuntimeError(f"{a} and {b} were scored on different test examples; outcomes cannot be paired")
+        res = mcnemar(scored[a].correct, scored[b].correct)
+        out.append({"a": a, "b": b, "test": res.test, "statistic": res.statistic, "p_value": res.p_value,
+                    "significant": res.p_value < threshold})
+    return out
+
+
+def task_costs(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Device-hours per stage and in all, and DPO's cost over SFT's (GPU-hours, or CPU-hours without GPUs)."""
+    costs: dict[str, Any] = {}
+    for unit in ("gpu_hours", "cpu_hours"):
+        costs[unit] = sum(s[unit] for s in stages.values())
+        for name in ("sft", "dpo"):
+            costs[f"{name}_{unit}"] = stages[name][unit]
+    basis = "gpu_hours" if costs["sft_gpu_hours"] else "cpu_hours"
+    sft_cost = costs[f"sft_{basis}"]
+    costs["dpo_sft_cost_ratio"] = costs[f"dpo_{basis}"] / sft_cost if sft_cost else None
+    costs["cost_basis"] = basis
+    return costs
+
+
+def _hp(hparams: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in hparams.items())
+
+
+def mlflow_ui_command(results: dict[str, Any], output_dir: Path) -> str:
+    uri = results["mlflow"]["tracking_uri"]
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri}"
+    return f"open {uri} (experiment {results['mlflow']['experiment_id']})"

@@ -1,0 +1,200 @@
+"""Ray Tune glue shared by the SFT and DPO stages: run a sweep, report dev scores, gather candidates.
+
+A trial is a Tune function trainable that trains with a TRL trainer. `DevReport` is the
+`TrainerCallback` it installs: at every eval interval it scores the dev split by the task's metric,
+reports one namespaced metric row to Tune (`train/loss`, `eval/loss`, `dev/f1`, ...) and, when the dev
+score beats the trial's best so far, a checkpoint with it. Tune keeps that one best checkpoint per
+trial, so a trial's checkpoint is its best (step) on dev; `candidates()` lists them for selection.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from clinft_ray.evaluate import Scored
+from clinft_ray.selection import Candidate, select_best
+from clinft_ray.spaces import SearchSpace
+
+
+def quiet_worker(threads: float) -> None:
+    """Inside a trial: one torch thread per allocated CPU, no progress bars, no library chatter."""
+    import datasets
+    import torch
+    import transformers
+
+    torch.set_num_threads(max(1, int(threads)))
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _namespaced(logs: dict[str, Any]) -> dict[str, float]:
+    """TRL log keys -> stable metric names: loss -> train/loss, eval_loss -> eval/loss,
+    eval_rewards/margins -> eval/rewards/margins, rewards/margins stays."""
+    out = {}
+    for k, v in logs.items():
+        if not isinstance(v, int | float):
+            continue
+        if k == "loss":
+            out["train/loss"] = float(v)
+        elif k.startswith("eval_") and not k.endswith(("_runtime", "_per_second")):
+            out["eval/" + k[len("eval_") :]] = float(v)
+        elif k.startswith(("rewards/", "logps/")):
+            out[k] = float(v)
+    return out
+
+
+class DevReport(TrainerCallback):
+    """Score dev at each evaluation, report to Tune, checkpoint on improvement.
+
+    `score(model)` returns the dev `Scored`; `save(model, folder, step)` writes a checkpoint there.
+    A non-finite eval loss stops the trial: nothing after it can be selected.
+    """
+
+    def __init__(self, score: Callable[[Any], Scored], save: Callable[[Any, str, int], None], metric: str):
+        self.score, self.save, self.metric = score, save, metric
+        self.best = -math.inf
+        self.last_train: dict[str, float] = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.last_train = {k: v for k, v in _namespaced(logs).items() if not k.startswith("eval/")}
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        from ray import tune
+
+        row = {**self.last_train, **_namespaced(metrics or {}), "step": state.global_step}
+        if not math.isfinite(row.get("eval/loss", 0.0)):
+            control.should_training_stop = True
+            tune.report({**row, "stopped": "non-finite eval loss"})
+            return
+        scored = self.score(model)
+        row.update({f"dev/{k}": v for k, v in scored.metrics.items()})
+        if row[f"dev/{self.metric}"] > self.best:
+            self.best = row[f"dev/{self.metric}"]
+            with tempfile.TemporaryDirectory() as folder:
+                self.save(model, folder, state.global_step)
+                tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
+        else:
+            tune.report(row)
+
+
+def trial_name(prefix: str) -> Callable[[Any], str]:
+    """Trial names from the hyperparameters and Tune's stable trial index: no timestamps."""
+
+    def name(trial: Any) -> str:
+        hp = "-".join(f"lr{v:.0e}" if k == "learning_rate" else f"{k}{v:g}" for k, v in sorted(trial.config.items()))
+        return f"{prefix}-{hp}-{trial.trial_id.rsplit('_', 1)[-1]}"
+
+    return name
+
+
+def run_sweep(trainable: Callable, *, name: str, space: SearchSpace, resources: dict[str, float],
+              storage_path: Path, callbacks: list, metric: str) -> Any:
+    """Run one stage's trials with Ray Tune; returns the `ResultGrid`."""
+    from ray import tune
+
+    names = trial_name(name)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, resources),
+        param_space=space.to_param_space(),
+        tune_config=tune.TuneConfig(
+            num_samples=space.num_samples,
+            trial_name_creator=names,
+            trial_dirname_creator=names,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(Path(storage_path).resolve()),
+            callbacks=callbacks,
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=f"dev/{metric}", checkpoint_score_order="max"
+            ),
+            verbose=1,
+        ),
+    )
+    return tuner.fit()
+
+
+def candidates(grid: Any, metric: str) -> list[Candidate]:
+    """Each trial's best dev (step) with its checkpoint, in search-space order; failed trials without
+    a checkpoint are left out."""
+    out = []
+    for order, result in enumerate(grid):
+        df = result.metrics_dataframe
+        col = f"dev/{metric}"
+        if result.checkpoint is None or df is None or col not in df:
+            continue
+        best = df.dropna(subset=[col]).sort_values([col, "step"], ascending=[False, True]).iloc[0]
+        out.append(Candidate(trial=result.metrics["trial_id"], step=int(best["step"]), dev=float(best[col]),
+                             order=order, payload=result))
+    return out
+
+
+def trainer_kwargs(space: SearchSpace, hp: dict[str, float], seed: int, dtype: Any, output_dir: str) -> dict[str, Any]:
+    """The `TrainingArguments` both stages share: schedule from the space, swept lr, no HF saving
+    (checkpoints go through Tune), eval every `eval_steps`."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "output_dir": output_dir,
+        "max_steps": space.max_steps,
+        "learning_rate": float(hp["learning_rate"]),
+        "per_device_train_batch_size": space.batch_size,
+        "per_device_eval_batch_size": space.batch_size,
+        "gradient_accumulation_steps": space.gradient_accumulation_steps,
+        "warmup_steps": space.warmup_steps,
+        "lr_scheduler_type": space.lr_scheduler,
+        "weight_decay": space.weight_decay,
+        "eval_strategy": "steps",
+        "eval_steps": space.eval_steps,
+        "logging_steps": min(space.eval_steps, 10),
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": seed,
+        "use_cpu": not cuda,
+        "bf16": cuda and dtype == torch.bfloat16,
+        "fp16": cuda and dtype == torch.float16,
+        "disable_tqdm": True,
+    }
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a finished sweep hands on: the selected (trial, step), its checkpoint and MLflow run, and
+    the stage's size and cost."""
+
+    stage: str
+    run_id: str
+    selected: Candidate
+    selected_run_id: str
+    checkpoint: str
+    hparams: dict[str, float]
+    trials: int
+    gpu_hours: float
+    cpu_hours: float
+
+
+def summarize(stage: str, stage_run: str, grid: Any, runs: Any, metric: str) -> StageResult:
+    """Select the best candidate of a finished sweep and total the stage's device-hours."""
+    best = select_best(candidates(grid, metric))
+    return StageResult(
+        stage=stage,
+        run_id=stage_run,
+        selected=best,
+        selected_run_id=runs.run_ids[best.trial],
+        checkpoint=best.payload.checkpoint.path,
+        hparams=dict(best.payload.config),
+        trials=len(grid),
+        gpu_hours=sum(h["gpu_hours"] for h in runs.hours.values()),
+        cpu_hours=sum(h["cpu_hours"] for h in runs.hours.values()),
+    )

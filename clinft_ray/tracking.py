@@ -1,0 +1,134 @@
+"""The one module that talks to MLflow.
+
+Layout of a study in MLflow (one experiment per study):
+
+    study run                      clinft.kind=study
+      task run (one per task)      clinft.task=<task>      sums of GPU/CPU-hours, dpo_sft_cost_ratio
+        stage run base|sft|dpo     clinft.stage=<stage>    selected hyperparameters, dev/test metrics
+          trial run (sft, dpo)     params, curves train/loss eval/loss dev/<metric>, gpu_hours, cpu_hours
+                                   (dpo trials: clinft.init_from = run id of the selected SFT trial)
+
+Runs are created and written from the driver only, through explicit run ids (`MlflowClient`), so a
+sqlite store never sees concurrent writers and no global "active run" is involved. Only numbers,
+hyperparameters, ids, paths and dataset fingerprints are logged: never prompts, answers or rows.
+Ray's own `MLflowLoggerCallback` is not used because it logs every result key against Tune's
+iteration counter; here curves are keyed by optimizer step so SFT and DPO line up, and each trial run
+gets its stage's tags and its cost when it ends.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+METRIC_PREFIXES = ("train/", "eval/", "dev/", "rewards/")
+
+
+def redact_uri(uri: str) -> str:
+    """A URI with any user:password@ removed, fit for logs and results files."""
+    return re.sub(r"//[^/@]*@", "//", uri)
+
+
+def default_tracking_uri(output_dir: Path) -> str:
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+class Tracker:
+    """Creates the study's runs and logs to them by id."""
+
+    def __init__(self, tracking_uri: str, experiment: str):
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+
+    def start(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
+        """Create a run (nested under `parent` when given) and return its id."""
+        all_tags = dict(tags or {})
+        if parent:
+            all_tags["mlflow.parentRunId"] = parent
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return run.info.run_id
+
+    def params(self, run_id: str, params: dict[str, Any]) -> None:
+        for k, v in params.items():
+            self.client.log_param(run_id, k, v)
+
+    def metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        for k, v in metrics.items():
+            if v is not None and math.isfinite(float(v)):
+                self.client.log_metric(run_id, k, float(v), step=step or 0)
+
+    def tag(self, run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(run_id, key, value)
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def artifact(self, run_id: str, path: Path) -> None:
+        self.client.log_artifact(run_id, str(path))
+
+
+def trial_hours(resources: dict[str, float], seconds: float) -> dict[str, float]:
+    """Device-hours of a trial: devices allocated x wall time. 2 GPUs for 90 min -> 3.0 gpu_hours."""
+    return {
+        "gpu_hours": resources.get("GPU", 0.0) * seconds / 3600.0,
+        "cpu_hours": resources.get("CPU", 0.0) * seconds / 3600.0,
+    }
+
+
+class TrialRuns(Callback):
+    """A Ray Tune callback that mirrors every trial of one stage into an MLflow run.
+
+    `fixed_params` (schedule, seed, model) are logged on every trial beside its swept config;
+    `tags` (task, stage, init_from) likewise. `run_ids` maps Tune trial ids to MLflow run ids and
+    `hours` to each trial's GPU/CPU-hours once it has ended.
+    """
+
+    def __init__(self, tracker: Tracker, stage_run: str, resources: dict[str, float],
+                 fixed_params: dict[str, Any], tags: dict[str, str]):
+        self.tracker = tracker
+        self.stage_run = stage_run
+        self.resources = resources
+        self.fixed_params = fixed_params
+        self.tags = tags
+        self.run_ids: dict[str, str] = {}
+        self.hours: dict[str, dict[str, float]] = {}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self.run_ids:
+            return
+        run = self.tracker.start(str(trial), parent=self.stage_run, tags={**self.tags, "clinft.trial": str(trial)})
+        self.tracker.params(run, {**trial.config, **self.fixed_params})
+        self.run_ids[trial.trial_id] = run
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        run = self.run_ids.get(trial.trial_id)
+        if run is None:
+            return
+        curves = {k: v for k, v in result.items() if k.startswith(METRIC_PREFIXES) and isinstance(v, int | float)}
+        self.tracker.metrics(run, curves, step=int(result.get("step", 0)))
+
+    def _finish(self, trial: Any, status: str) -> None:
+        run = self.run_ids.get(trial.trial_id)
+        if run is None:
+            return
+        seconds = float((trial.last_result or {}).get("time_total_s", 0.0))
+        self.hours[trial.trial_id] = trial_hours(self.resources, seconds)
+        self.tracker.metrics(run, {**self.hours[trial.trial_id], "wall_s": seconds})
+        self.tracker.end(run, status)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run = self.run_ids.get(trial.trial_id)
+        if run is not None:
+            self.tracker.tag(run, "clinft.failure", type(getattr(trial, "error", None) or Exception()).__name__)
+        self._finish(trial, "FAILED")
