@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="clinft: %(message)s", stream=sys.stderr)
     logging.getLogger("clinft").setLevel(logging.INFO)
+    from clinft_ray.sweep import quiet_libraries
+
+    quiet_libraries()
     try:
         if args.command == "validate":
             return validate(args.config, args.set)

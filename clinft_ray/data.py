@@ -35,7 +35,10 @@ class Example:
     rejected: str
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(row number, row) pairs. Row N is line N of a JSONL file (blank lines skipped but counted, so
+    the number is the line an editor shows), or the Nth data row of a CSV (after its header) or
+    Parquet file."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows = []
@@ -49,15 +52,15 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
                     raise DataError([f"{path}: row {n}: not valid JSON; write one JSON object per line"]) from None
                 if not isinstance(row, dict):
                     raise DataError([f"{path}: row {n}: not a JSON object; write one object per line"])
-                rows.append(row)
+                rows.append((n, row))
         return rows
     if suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
+            return list(enumerate(csv.DictReader(f), start=1))
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        return list(enumerate(pq.read_table(path).to_pylist(), start=1))
     raise DataError([f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .parquet"])
 
 
@@ -72,7 +75,7 @@ def _row_problems(path: Path, n: int, row: dict[str, Any], labels: list[str] | N
         ok = isinstance(value, str) and value.strip() or (col == "prompt" and isinstance(value, list) and value)
         if not ok:
             out.append(f"{where} (id {row['id']}): column {col!r} is empty or not text; fill it in")
-    if not out and row["chosen"] == row["rejected"]:
+    if not out and row["chosen"].strip() == row["rejected"].strip():
         out.append(f"{where} (id {row['id']}): 'chosen' equals 'rejected'; DPO needs them to differ")
     if not out and labels is not None and row["chosen"].strip() not in labels:
         out.append(f"{where} (id {row['id']}): 'chosen' is not one of the task's labels {labels}; fix the label")
@@ -92,7 +95,7 @@ def load_split(path: str | Path, labels: list[str] | None = None) -> list[Exampl
         raise DataError([f"{path}: the split is empty; it needs at least one row"])
     problems: list[str] = []
     seen: dict[str, int] = {}
-    for n, row in enumerate(raw, start=1):
+    for n, row in raw:
         problems += _row_problems(path, n, row, labels)
         rid = str(row.get("id", ""))
         if rid in seen:
@@ -100,7 +103,7 @@ def load_split(path: str | Path, labels: list[str] | None = None) -> list[Exampl
         seen.setdefault(rid, n)
     if problems:
         raise DataError(problems)
-    return [Example(str(r["id"]), r["prompt"], r["chosen"].strip(), r["rejected"].strip()) for r in raw]
+    return [Example(str(r["id"]), r["prompt"], r["chosen"].strip(), r["rejected"].strip()) for _, r in raw]
 
 
 def fingerprint(path: str | Path) -> str:

@@ -16,7 +16,15 @@ from clinft_ray.config import Study, TaskConfig
 from clinft_ray.data import dpo_rows, load_split
 from clinft_ray.evaluate import score_split
 from clinft_ray.modeling import has_chat_template, load_model, load_tokenizer, peft_config, save_checkpoint, torch_dtype
-from clinft_ray.sweep import DevReport, StageResult, quiet_worker, run_sweep, summarize, trainer_kwargs
+from clinft_ray.sweep import (
+    DevReport,
+    StageResult,
+    quiet_worker,
+    run_sweep,
+    summarize,
+    trainer_kwargs,
+    without_printer,
+)
 from clinft_ray.tracking import Tracker, TrialRuns
 
 
@@ -37,7 +45,7 @@ def dpo_trial(hp: dict[str, Any], *, study: Study, task: TaskConfig, init_from: 
 
     def save(model: Any, folder: str, step: int) -> None:
         # A LoRA DPO adapter only makes sense on top of its SFT model: record it as the parent.
-        save_checkpoint(model, folder, cfg.model, parent=init_from if lora else None, step=step)
+        save_checkpoint(model, folder, cfg.model, parent=init_from if lora else None, init_from=init_from, step=step)
 
     with tempfile.TemporaryDirectory() as scratch:
         args = DPOConfig(
@@ -56,7 +64,7 @@ def dpo_trial(hp: dict[str, Any], *, study: Study, task: TaskConfig, init_from: 
             peft_config=peft_config(cfg.model),
             callbacks=[DevReport(score, save, task.metric)],
         )
-        trainer.train()
+        without_printer(trainer).train()
 
 
 def run_dpo(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, resources: dict[str, float],

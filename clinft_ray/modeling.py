@@ -3,7 +3,7 @@
 A checkpoint is a folder with `clinft_checkpoint.json` beside the weights:
 
     {"finetune": "lora" | "full", "base_model": "<hub id or path>", "parent": "<checkpoint path> | null",
-     "step": <optimizer step it was saved at>}
+     "init_from": "<checkpoint the training started from> | null", "step": <optimizer step it was saved at>}
 
 A full checkpoint holds the whole model. A LoRA checkpoint holds only its adapter, trained on top of
 `parent` (the selected SFT checkpoint, for a DPO adapter) or of `base_model`; `load_model` rebuilds
@@ -83,12 +83,18 @@ def peft_config(cfg: ModelConfig) -> Any:
     )
 
 
-def save_checkpoint(model: Any, out_dir: str | Path, cfg: ModelConfig, parent: str | None, step: int) -> Path:
-    """Save a training model (PEFT adapter or full weights) with its manifest; returns the folder."""
+def save_checkpoint(model: Any, out_dir: str | Path, cfg: ModelConfig, *, parent: str | None, init_from: str | None,
+                    step: int) -> Path:
+    """Save a training model (PEFT adapter or full weights) with its manifest; returns the folder.
+
+    `parent` is what a LoRA adapter must be stacked on to load; `init_from` records the checkpoint
+    the training started from (None: the base model), whatever the fine-tuning mode.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    manifest = {"finetune": cfg.finetune, "base_model": cfg.name_or_path, "parent": parent, "step": step}
+    manifest = {"finetune": cfg.finetune, "base_model": cfg.name_or_path, "parent": parent, "init_from": init_from,
+                "step": step}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out
 

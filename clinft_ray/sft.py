@@ -15,7 +15,15 @@ from clinft_ray.config import Study, TaskConfig
 from clinft_ray.data import load_split, sft_rows
 from clinft_ray.evaluate import score_split
 from clinft_ray.modeling import has_chat_template, load_base, load_tokenizer, peft_config, save_checkpoint, torch_dtype
-from clinft_ray.sweep import DevReport, StageResult, quiet_worker, run_sweep, summarize, trainer_kwargs
+from clinft_ray.sweep import (
+    DevReport,
+    StageResult,
+    quiet_worker,
+    run_sweep,
+    summarize,
+    trainer_kwargs,
+    without_printer,
+)
 from clinft_ray.tracking import Tracker, TrialRuns
 
 
@@ -34,7 +42,7 @@ def sft_trial(hp: dict[str, Any], *, study: Study, task: TaskConfig) -> None:
         return score_split(model, tok, task, dev, cfg.model.max_length)
 
     def save(model: Any, folder: str, step: int) -> None:
-        save_checkpoint(model, folder, cfg.model, parent=None, step=step)
+        save_checkpoint(model, folder, cfg.model, parent=None, init_from=None, step=step)
 
     with tempfile.TemporaryDirectory() as scratch:
         args = SFTConfig(
@@ -50,7 +58,7 @@ def sft_trial(hp: dict[str, Any], *, study: Study, task: TaskConfig) -> None:
             peft_config=peft_config(cfg.model),
             callbacks=[DevReport(score, save, task.metric)],
         )
-        trainer.train()
+        without_printer(trainer).train()
 
 
 def run_sft(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, resources: dict[str, float]) -> StageResult:

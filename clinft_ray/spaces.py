@@ -15,12 +15,13 @@ turns it into the `param_space` of a Ray Tune `Tuner`.
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -46,7 +47,33 @@ class LogUniform(_Strict):
         return self
 
 
-Param = float | Grid | Choice | LogUniform
+SWEEPS = {"grid": Grid, "choice": Choice, "loguniform": LogUniform}
+
+
+def _param_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return next(iter(value), "")
+    return type(value).__name__.lower() if isinstance(value, BaseModel) else "fixed"
+
+
+# Dispatch on the one key of a swept value, so a bad value gets one error from the form it meant.
+Param = Annotated[
+    Annotated[float, Tag("fixed")]
+    | Annotated[Grid, Tag("grid")]
+    | Annotated[Choice, Tag("choice")]
+    | Annotated[LogUniform, Tag("loguniform")],
+    Discriminator(_param_kind),
+]
+
+
+def _check_sweep(value: Any) -> Any:
+    if isinstance(value, dict) and (len(value) != 1 or next(iter(value)) not in SWEEPS):
+        keys = list(value)
+        hint = difflib.get_close_matches(str(keys[0]), SWEEPS, n=1) if keys else []
+        dym = f"did you mean {hint[0]!r}? " if hint else ""
+        raise ValueError(f"{keys} is not a swept value; {dym}write a number, {{grid: [...]}}, {{choice: [...]}} "
+                         "or {loguniform: [low, high]}")
+    return value
 
 
 class SearchSpace(_Strict):
@@ -62,6 +89,11 @@ class SearchSpace(_Strict):
     lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
     weight_decay: float = Field(0.0, ge=0)
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+
+    @field_validator("learning_rate", "beta", mode="before")
+    @classmethod
+    def _sweep_form(cls, value: Any) -> Any:
+        return _check_sweep(value)
 
     @model_validator(mode="after")
     def _stage_fields(self) -> SearchSpace:

@@ -11,6 +11,7 @@ go to MLflow through `tracking.Tracker`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,8 @@ def run_study(study: Study) -> dict[str, Any]:
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     data = load_all_splits(cfg.tasks)  # every split checked before any compute
     resources = start_ray(study)
-    tracker = Tracker(cfg.mlflow.tracking_uri or default_tracking_uri(cfg.output_dir), cfg.mlflow.experiment or cfg.study)
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.output_dir)
+    tracker = Tracker(uri, cfg.mlflow.experiment or cfg.study)
     study_run = tracker.start(cfg.study, tags={"clinft.kind": "study"})
     tracker.params(study_run, {"model": cfg.model.name_or_path, "finetune": cfg.model.finetune, "seed": cfg.seed,
                                "tasks": ",".join(t.name for t in cfg.tasks), "alpha": cfg.stats.alpha})
@@ -150,6 +152,8 @@ def start_ray(study: Study) -> dict[str, float]:
     import ray
 
     cfg = study.config
+    # Tune warns when trials checkpoint often; scoring dev per eval interval is the design here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False,
                  logging_level=logging.WARNING)

@@ -9,9 +9,11 @@ trial, so a trial's checkpoint is its best (step) on dev; `candidates()` lists t
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +26,37 @@ from clinft_ray.selection import Candidate, select_best
 from clinft_ray.spaces import SearchSpace
 
 
-def quiet_worker(threads: float) -> None:
-    """Inside a trial: one torch thread per allocated CPU, no progress bars, no library chatter."""
+def quiet_libraries() -> None:
+    """No progress bars and no deprecation chatter from the HF stack: the Tune status table is the
+    progress a user watches."""
     import datasets
-    import torch
+    import huggingface_hub.utils
     import transformers
 
-    torch.set_num_threads(max(1, int(threads)))
     datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def quiet_worker(threads: float) -> None:
+    """Inside a trial or scoring task: one torch thread per allocated CPU, and quiet libraries."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+    quiet_libraries()
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+
+
+def without_printer(trainer: Any) -> Any:
+    """Drop the Trainer's stdout printer (on when tqdm is off): Tune and MLflow carry the metrics."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def _namespaced(logs: dict[str, Any]) -> dict[str, float]:

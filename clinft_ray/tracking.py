@@ -130,5 +130,8 @@ class TrialRuns(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run = self.run_ids.get(trial.trial_id)
         if run is not None:
-            self.tracker.tag(run, "clinft.failure", type(getattr(trial, "error", None) or Exception()).__name__)
+            # The exception's type only: a message could quote data. The full traceback stays in
+            # Tune's error file inside the output directory.
+            error = trial.get_pickled_error()
+            self.tracker.tag(run, "clinft.failure", type(error).__name__ if error else "unknown")
         self._finish(trial, "FAILED")

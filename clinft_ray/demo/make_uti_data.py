@@ -71,7 +71,14 @@ def make_case(rng: random.Random, label: str) -> str:
         middle = f"Urinalysis shows {wbc} WBC per high power field."
     else:
         visit = f"presents to the {setting} for {rng.choice(_OTHER_REASONS)}."
-        middle = f"Urinalysis shows {wbc} WBC per high power field. {rng.choice(_NO_SYMPTOMS)}"
+        # Half the pyuria-only cases name urinary symptoms only to deny them: the model has to read
+        # the negation, not spot a keyword, which keeps the task from being trivially easy.
+        if rng.random() < 0.5:
+            denied = " or ".join(rng.sample(_SYMPTOMS, k=2))
+            review = f"The patient denies {denied}."
+        else:
+            review = rng.choice(_NO_SYMPTOMS)
+        middle = f"Urinalysis shows {wbc} WBC per high power field. {review}"
     return f"A {age}-year-old {sex} {visit} {middle} {' '.join(extras)}"
 
 

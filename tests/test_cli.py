@@ -1,0 +1,71 @@
+"""The `clinft` command: exit codes and one-line errors for bad input, no traceback, no row text."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+CANARY = "CANARY-PHI-5521"
+
+
+def clinft(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clinft_ray.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def _copy_demo(demo_dir: Path, dest: Path) -> Path:
+    shutil.copytree(demo_dir, dest, ignore=shutil.ignore_patterns("ray", "mlflow.db", "*.json", "*.md"))
+    return dest / "study.yaml"
+
+
+def test_validate_demo_study(demo_dir, tmp_path):
+    config = _copy_demo(demo_dir, tmp_path / "d")
+    res = clinft("validate", str(config))
+    assert res.returncode == 0, res.stderr
+    assert "uti: train 300 rows, eval 200 rows, dev 100 rows, test 200 rows" in res.stdout
+    assert "4 SFT + 12 DPO trials" in res.stdout
+
+
+def test_missing_config_is_one_line_exit_2(tmp_path):
+    res = clinft("run", str(tmp_path / "nope.yaml"))
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "file not found" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_unknown_keys_all_reported_with_did_you_mean(demo_dir, tmp_path):
+    config = _copy_demo(demo_dir, tmp_path / "d")
+    data = yaml.safe_load(config.read_text())
+    data["modle"] = data.pop("model")
+    data["tasks"][0]["scorign"] = "loglik"
+    config.write_text(yaml.safe_dump(data))
+    res = clinft("run", str(config), "--set", "seed=abc")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert any("modle: unknown key; did you mean 'model'?" in line for line in lines)
+    assert any("tasks.0.scorign: unknown key; did you mean 'scoring'?" in line for line in lines)
+    assert any(line.endswith("model: required key is missing; add it") for line in lines)
+    assert any("seed:" in line for line in lines)
+    assert not (tmp_path / "d" / "ray").exists()  # nothing ran
+
+
+def test_bad_data_rows_named_without_text(demo_dir, tmp_path):
+    config = _copy_demo(demo_dir, tmp_path / "d")
+    dev = tmp_path / "d" / "data" / "dev.jsonl"
+    rows = [json.loads(line) for line in dev.read_text().splitlines()]
+    rows[3]["prompt"] += " " + CANARY
+    rows[3]["rejected"] = rows[3]["chosen"]
+    rows[7]["chosen"] = "maybe " + CANARY
+    rows[9]["id"] = rows[8]["id"]
+    dev.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = clinft("validate", str(config))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert CANARY not in res.stderr + res.stdout
+    assert "dev.jsonl: row 4 (id dev-0003): 'chosen' equals 'rejected'" in res.stderr
+    assert "dev.jsonl: row 8 (id dev-0007): 'chosen' is not one of the task's labels" in res.stderr
+    assert "dev.jsonl: row 10: id 'dev-0008' repeats row 9" in res.stderr

@@ -1,0 +1,213 @@
+"""The study config and search-space files: strict, validated once, every problem reported together."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clinft_ray.config import ConfigError, load_study
+from clinft_ray.spaces import load_space
+
+REPO = Path(__file__).resolve().parents[1]
+SPACES = REPO / "tune_spaces"
+ROW = '{"id": "1", "prompt": "p", "chosen": "UTI", "rejected": "pyuria"}\n'
+
+STUDY = """\
+study: test-study
+output_dir: out
+model:
+  name_or_path: sshleifer/tiny-gpt2
+  finetune: lora
+tasks:
+  - name: uti
+    kind: classification
+    labels: [UTI, pyuria]
+    positive_label: UTI
+    splits: {train: data/train.jsonl, eval: data/eval.jsonl, dev: data/dev.jsonl, test: data/test.jsonl}
+sft: {space: spaces/demo_sft.yaml}
+dpo: {space: spaces/demo_dpo.yaml}
+"""
+
+
+@pytest.fixture
+def study_dir(tmp_path: Path) -> Path:
+    """A valid study folder: study.yaml, four one-row splits, and the demo space files."""
+    (tmp_path / "data").mkdir()
+    for split in ("train", "eval", "dev", "test"):
+        (tmp_path / "data" / f"{split}.jsonl").write_text(ROW)
+    (tmp_path / "spaces").mkdir()
+    for name in ("demo_sft.yaml", "demo_dpo.yaml"):
+        shutil.copy(SPACES / name, tmp_path / "spaces" / name)
+    (tmp_path / "study.yaml").write_text(STUDY)
+    return tmp_path
+
+
+def write_study(folder: Path, text: str) -> Path:
+    path = folder / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+def problems(path: Path, overrides: list[str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        load_study(path, overrides)
+    return err.value.problems
+
+
+def test_load_study_resolves_paths_against_the_config_folder(study_dir, tmp_path_factory, monkeypatch):
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))  # not the config's folder
+    study = load_study(study_dir / "study.yaml")
+    cfg = study.config
+    assert cfg.study == "test-study" and cfg.seed == 0
+    assert cfg.output_dir == (study_dir / "out").resolve()
+    assert cfg.tasks[0].splits.dev == (study_dir / "data" / "dev.jsonl").resolve()
+    assert cfg.sft.space == (study_dir / "spaces" / "demo_sft.yaml").resolve()
+    assert cfg.model.name_or_path == "sshleifer/tiny-gpt2"  # a hub id is left alone
+    assert (study.sft_space.stage, study.dpo_space.stage) == ("sft", "dpo")
+    assert study.source == (study_dir / "study.yaml").resolve()
+
+
+def test_unknown_top_level_key_says_did_you_mean(study_dir):
+    path = write_study(study_dir, STUDY.replace("model:", "modle:"))
+    lines = problems(path)
+    assert "modle: unknown key; did you mean 'model'?" in lines
+    assert "model: required key is missing; add it" in lines
+
+
+def test_unknown_nested_key_names_the_dotted_path(study_dir):
+    path = write_study(study_dir, STUDY.replace("  finetune: lora", "  finetun: lora"))
+    assert problems(path) == ["model.finetun: unknown key; did you mean 'finetune'?"]
+
+
+def test_unknown_key_inside_a_list_item(study_dir):
+    lines = problems(study_dir / "study.yaml", ["tasks.0.splitz=x"])
+    assert lines == ["tasks.0.splitz: unknown key; did you mean 'splits'?"]
+
+
+def test_several_problems_are_reported_together(study_dir):
+    text = STUDY.replace("  finetune: lora", "  finetun: lora").replace("output_dir: out", "output_dir: out\nseed: abc")
+    with pytest.raises(ConfigError) as err:
+        load_study(write_study(study_dir, text))
+    assert len(err.value.problems) >= 2
+    joined = "\n".join(err.value.problems)
+    assert "model.finetun: unknown key" in joined and "seed: " in joined
+    assert str(err.value).startswith(str(study_dir / "study.yaml"))  # every line names the file
+
+
+def test_set_overrides_go_through_validation(study_dir):
+    study = load_study(study_dir / "study.yaml", ["seed=3", "tasks.0.scoring=generate"])
+    assert study.config.seed == 3
+    assert study.config.tasks[0].scoring == "generate"
+
+
+def test_bad_override_names_the_key(study_dir):
+    lines = problems(study_dir / "study.yaml", ["resources.cpus_per_trial=-1"])
+    assert len(lines) == 1 and lines[0].startswith("resources.cpus_per_trial:")
+    assert "greater than 0" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("seed", "not key=value"),
+        ("tasks.3.name=x", "not an index of a 1-item list"),
+    ],
+)
+def test_malformed_override(study_dir, override, message):
+    assert message in "\n".join(problems(study_dir / "study.yaml", [override]))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("seed=1.5", "seed:"),
+        ("model.max_length=big", "model.max_length:"),
+        ("model.finetune=qlora", "model.finetune:"),
+        ("tasks.0.labels=UTI", "tasks.0.labels:"),
+        ("tasks.0.scoring=vote", "tasks.0.scoring:"),
+        ("resources.gpus_per_trial=-1", "resources.gpus_per_trial:"),
+        ("stats.alpha=1.5", "stats.alpha:"),
+    ],
+)
+def test_wrong_types_and_values_name_the_key(study_dir, override, key):
+    lines = problems(study_dir / "study.yaml", [override])
+    assert any(line.startswith(key) for line in lines), lines
+
+
+def test_positive_label_must_be_a_label(study_dir):
+    lines = problems(study_dir / "study.yaml", ["tasks.0.positive_label=cystitis"])
+    assert lines[0].startswith("tasks.0:") and "'cystitis' is not one of labels" in lines[0]
+
+
+def test_missing_split_file_is_named(study_dir):
+    (study_dir / "data" / "dev.jsonl").unlink()
+    lines = problems(study_dir / "study.yaml")
+    dev = (study_dir / "data" / "dev.jsonl").resolve()
+    assert lines == [f"tasks.uti.splits.dev: {dev} does not exist; fix the path"]
+
+
+def test_space_used_for_the_wrong_stage(study_dir):
+    lines = problems(study_dir / "study.yaml", ["sft.space=spaces/demo_dpo.yaml"])
+    assert len(lines) == 1 and lines[0].startswith("sft.space (") and "a dpo space, used as the sft space" in lines[0]
+
+
+# --- search-space files ---------------------------------------------------------------------------
+
+def space_problems(tmp_path: Path, text: str, stage: str) -> list[str]:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_space(path, stage)
+    return err.value.problems
+
+
+def test_dpo_space_needs_beta(tmp_path):
+    text = "stage: dpo\nlearning_rate: {grid: [1.0e-5]}\nmax_steps: 10\neval_steps: 5\n"
+    assert "a dpo space needs beta" in space_problems(tmp_path, text, "dpo")[0]
+
+
+def test_sft_space_rejects_beta(tmp_path):
+    text = "stage: sft\nlearning_rate: 1.0e-5\nbeta: 0.1\nmax_steps: 10\neval_steps: 5\n"
+    assert "beta is a DPO hyperparameter" in space_problems(tmp_path, text, "sft")[0]
+
+
+def test_eval_steps_above_max_steps_rejected(tmp_path):
+    text = "stage: sft\nlearning_rate: 1.0e-5\nmax_steps: 10\neval_steps: 50\n"
+    assert "eval_steps 50 > max_steps 10" in space_problems(tmp_path, text, "sft")[0]
+
+
+def test_space_unknown_key_says_did_you_mean(tmp_path):
+    text = "stage: sft\nlearning_rat: 1.0e-5\nmax_steps: 10\neval_steps: 5\n"
+    assert "learning_rat: unknown key; did you mean 'learning_rate'?" in space_problems(tmp_path, text, "sft")
+
+
+def test_num_trials_of_the_paper_grids():
+    """SFT: 4 learning rates = 4 trials; DPO: 4 learning rates x 3 betas = 12 trials."""
+    assert load_space(SPACES / "paper_sft.yaml", "sft").num_trials() == 4
+    assert load_space(SPACES / "paper_dpo.yaml", "dpo").num_trials() == 12
+
+
+def test_num_trials_counts_grids_times_num_samples(tmp_path):
+    """2 x 3 grid, num_samples 2 -> 12; a fixed value adds no factor."""
+    path = tmp_path / "s.yaml"
+    path.write_text("stage: dpo\nlearning_rate: {grid: [1, 2]}\nbeta: {grid: [0.1, 0.2, 0.3]}\n"
+                    "num_samples: 2\nmax_steps: 10\neval_steps: 10\n")
+    assert load_space(path, "dpo").num_trials() == 12
+
+
+SHIPPED = sorted(SPACES.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(SPACES)))
+def test_every_shipped_space_loads(path):
+    """Every tune_spaces/**/*.yaml validates for the stage it names, and starts with a usage comment."""
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("#")
+    stage = yaml.safe_load(text)["stage"]
+    space = load_space(path, stage)
+    assert space.stage == stage and space.num_trials() >= 1
+
+
+def test_shipped_spaces_were_found():
+    assert len(SHIPPED) >= 4

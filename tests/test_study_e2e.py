@@ -1,0 +1,142 @@
+"""End to end: the demo study (4 SFT + 12 DPO trials, tiny model, real Ray, real MLflow sqlite).
+
+Asserts outcomes: the files and their agreement, the MLflow run tree with its params, curves, tags
+and device-hours, the selection, the statistics recomputed from `outcomes.jsonl`, and that training
+changed the weights and DPO started from the selected SFT checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from clinft_ray.modeling import read_manifest
+from clinft_ray.stats import mcnemar
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run):
+    study, results = demo_run
+    out = study.config.output_dir
+    client = MlflowClient(tracking_uri=results["mlflow"]["tracking_uri"])
+    runs = client.search_runs([results["mlflow"]["experiment_id"]], max_results=1000)
+    return study, results, out, client, {r.info.run_id: r for r in runs}
+
+
+def _children(runs, parent_id):
+    return [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == parent_id]
+
+
+def _stage_runs(runs, results, task="uti"):
+    task_run = [r for r in _children(runs, results["mlflow"]["study_run_id"]) if r.info.run_name == task][0]
+    return task_run, {r.data.tags["clinft.stage"]: r for r in _children(runs, task_run.info.run_id)}
+
+
+def test_output_files_exist_and_agree(demo):
+    study, results, out, _, _ = demo
+    for name in ("results.json", "outcomes.jsonl", "report.md"):
+        assert (out / name).is_file()
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    task = results["tasks"]["uti"]
+    assert task["metric"] == "f1"
+    assert results["alpha"] == 0.05 and results["threshold"] == pytest.approx(0.05 / len(study.config.tasks))
+    assert task["stages"]["sft"]["trials"] == 4 and task["stages"]["dpo"]["trials"] == 12
+    outcomes = [json.loads(line) for line in (out / "outcomes.jsonl").read_text().splitlines()]
+    assert set(outcomes[0]) == {"task", "stage", "id", "correct"}  # no text of any kind
+    for stage in ("base", "sft", "dpo"):
+        rows = [o for o in outcomes if o["stage"] == stage]
+        assert len(rows) == task["n_test"] == 200
+        accuracy = sum(o["correct"] for o in rows) / len(rows)
+        assert accuracy == pytest.approx(task["stages"][stage]["test"]["accuracy"])
+    report = (out / "report.md").read_text()
+    assert "| uti | f1 |" in report and "DPO/SFT cost" in report
+
+
+def test_the_demo_shows_learning(demo):
+    _, results, _, _, _ = demo
+    st = results["tasks"]["uti"]["stages"]
+    assert 0.3 <= st["base"]["test"]["accuracy"] <= 0.7  # the random model is near chance
+    assert st["sft"]["test"]["f1"] >= st["base"]["test"]["f1"] + 0.2
+    assert st["sft"]["test"]["accuracy"] >= 0.75
+
+
+def test_pvalues_recompute_from_outcomes(demo):
+    _, results, out, _, _ = demo
+    outcomes = [json.loads(line) for line in (out / "outcomes.jsonl").read_text().splitlines()]
+    by_stage = {s: {o["id"]: o["correct"] for o in outcomes if o["stage"] == s} for s in ("base", "sft", "dpo")}
+    ids = sorted(by_stage["base"])
+    for comp in results["tasks"]["uti"]["comparisons"]:
+        res = mcnemar([by_stage[comp["a"]][i] for i in ids], [by_stage[comp["b"]][i] for i in ids])
+        assert comp["test"] == res.test
+        assert comp["p_value"] == pytest.approx(res.p_value, rel=1e-12)
+        assert comp["significant"] == (res.p_value < results["threshold"])
+
+
+def test_mlflow_run_tree(demo):
+    study, results, _, client, runs = demo
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    study_run = runs[results["mlflow"]["study_run_id"]]
+    assert study_run.data.tags["clinft.kind"] == "study"
+    task_run, stages = _stage_runs(runs, results)
+    assert set(stages) == {"base", "sft", "dpo"}
+    sft_trials = _children(runs, stages["sft"].info.run_id)
+    dpo_trials = _children(runs, stages["dpo"].info.run_id)
+    assert len(sft_trials) == 4 and len(dpo_trials) == 12
+    assert {float(r.data.params["learning_rate"]) for r in sft_trials} == {1e-2, 1e-3, 1e-4, 1e-5}
+    assert {(float(r.data.params["learning_rate"]), float(r.data.params["beta"])) for r in dpo_trials} == {
+        (lr, b) for lr in (1e-2, 1e-3, 1e-4, 1e-5) for b in (0.1, 0.3, 0.5)
+    }
+    selected_sft = results["tasks"]["uti"]["stages"]["sft"]["selected"]["mlflow_run_id"]
+    for r in sft_trials + dpo_trials:
+        p, m, tags = r.data.params, r.data.metrics, r.data.tags
+        assert {"learning_rate", "max_steps", "seed", "model"} <= set(p)
+        assert p["seed"] == str(study.config.seed)
+        assert tags["clinft.task"] == "uti" and tags["clinft.stage"] in ("sft", "dpo")
+        assert m["gpu_hours"] == 0.0 and m["cpu_hours"] > 0
+        for key in ("train/loss", "eval/loss", "dev/f1"):
+            history = client.get_metric_history(r.info.run_id, key)
+            assert [h.step for h in history] == sorted({h.step for h in history}) and len(history) >= 2, key
+    assert all(r.data.tags["clinft.init_from"] == selected_sft for r in dpo_trials)
+    for stage in ("sft", "dpo"):
+        trials = _children(runs, stages[stage].info.run_id)
+        total = sum(r.data.metrics["cpu_hours"] for r in trials)
+        assert stages[stage].data.metrics["cpu_hours"] == pytest.approx(total)
+        assert results["tasks"]["uti"]["stages"][stage]["cpu_hours"] == pytest.approx(total)
+    assert task_run.data.metrics["dpo_sft_cost_ratio"] == pytest.approx(
+        stages["dpo"].data.metrics["cpu_hours"] / stages["sft"].data.metrics["cpu_hours"])
+    assert task_run.data.params["data.test.rows"] == "200" and len(task_run.data.params["data.test.sha256"]) == 64
+
+
+def test_selected_sft_is_best_on_dev_in_mlflow(demo):
+    _, results, _, client, runs = demo
+    _, stages = _stage_runs(runs, results)
+    best = []
+    for r in _children(runs, stages["sft"].info.run_id):
+        for h in client.get_metric_history(r.info.run_id, "dev/f1"):
+            best.append((-h.value, h.step, r.info.run_id))
+    top = min(best)
+    sel = results["tasks"]["uti"]["stages"]["sft"]["selected"]
+    assert (sel["mlflow_run_id"], sel["step"]) == (top[2], top[1])
+    assert results["tasks"]["uti"]["stages"]["sft"]["dev"]["f1"] == pytest.approx(-top[0])
+
+
+def test_dpo_starts_from_selected_sft_and_weights_change(demo):
+    import torch
+    from safetensors.torch import load_file
+
+    _, results, out, _, _ = demo
+    st = results["tasks"]["uti"]["stages"]
+    sft_ckpt, dpo_ckpt = Path(st["sft"]["checkpoint"]), Path(st["dpo"]["checkpoint"])
+    assert read_manifest(sft_ckpt)["step"] == st["sft"]["selected"]["step"]
+    assert read_manifest(sft_ckpt)["init_from"] is None
+    assert read_manifest(dpo_ckpt)["init_from"] == str(sft_ckpt)
+    assert read_manifest(dpo_ckpt)["step"] == st["dpo"]["selected"]["step"]
+    base, sft, dpo = (load_file(p / "model.safetensors") for p in (out / "model", sft_ckpt, dpo_ckpt))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(base[key], sft[key])
+    assert not torch.equal(sft[key], dpo[key])
