@@ -81,54 +81,50 @@ def run_study(study: Study) -> dict[str, Any]:
         status = "KILLED"
         raise
     finally:
-        tracker.end(study_run, status)
+        tracker.end_open(status)  # the study run, and any task, stage or trial run a failure left open
 
 
 def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tracker: Tracker, study_run: str,
              resources: dict[str, float], threshold: float, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
     """One task through the protocol; appends its test outcomes to `outcomes`, returns its results."""
     task_run = tracker.start(task.name, parent=study_run, tags={"clinft.task": task.name})
-    status = "FAILED"
-    try:
-        for s in SPLITS:  # fingerprints, not content: tells datasets apart without patient text
-            path = getattr(task.splits, s)
-            tracker.params(task_run, {f"data.{s}.sha256": fingerprint(path), f"data.{s}.rows": len(data[s])})
+    for s in SPLITS:  # fingerprints, not content: tells datasets apart without patient text
+        path = getattr(task.splits, s)
+        tracker.params(task_run, {f"data.{s}.sha256": fingerprint(path), f"data.{s}.rows": len(data[s])})
 
-        log.info("[%s] base model on test", task.name)
-        base_run = tracker.start("base", parent=task_run, tags={"clinft.task": task.name, "clinft.stage": "base"})
-        base = evaluate(study, task, None, resources, with_dev=True)
-        stages = {"base": log_base(tracker, base_run, base)}
-        scored = {"base": base.test}
+    log.info("[%s] base model on test", task.name)
+    base_run = tracker.start("base", parent=task_run, tags={"clinft.task": task.name, "clinft.stage": "base"})
+    base = evaluate(study, task, None, resources, with_dev=True)
+    stages = {"base": log_base(tracker, base_run, base)}
+    scored = {"base": base.test}
 
-        log.info("[%s] SFT sweep: %d trials", task.name, study.sft_space.num_trials())
-        sft = run_sft(study, task, tracker, task_run, resources)
-        log.info("[%s] SFT selected %s at step %d (dev %s %.3f)", task.name, _hp(sft.hparams), sft.selected.step,
-                 task.metric, sft.selected.dev)
-        scored["sft"] = evaluate(study, task, sft.checkpoint, resources).test
-        stages["sft"] = log_stage(tracker, sft, scored["sft"], task.metric)
+    log.info("[%s] SFT sweep: %d trials", task.name, study.sft_space.num_trials())
+    sft = run_sft(study, task, tracker, task_run, resources)
+    log.info("[%s] SFT selected %s at step %d (dev %s %.3f)", task.name, _hp(sft.hparams), sft.selected.step,
+             task.metric, sft.selected.dev)
+    scored["sft"] = evaluate(study, task, sft.checkpoint, resources).test
+    stages["sft"] = log_stage(tracker, sft, scored["sft"], task.metric)
 
-        log.info("[%s] DPO sweep from the selected SFT checkpoint: %d trials", task.name, study.dpo_space.num_trials())
-        dpo = run_dpo(study, task, tracker, task_run, resources, sft)
-        log.info("[%s] DPO selected %s at step %d (dev %s %.3f)", task.name, _hp(dpo.hparams), dpo.selected.step,
-                 task.metric, dpo.selected.dev)
-        scored["dpo"] = evaluate(study, task, dpo.checkpoint, resources).test
-        stages["dpo"] = log_stage(tracker, dpo, scored["dpo"], task.metric)
+    log.info("[%s] DPO sweep from the selected SFT checkpoint: %d trials", task.name, study.dpo_space.num_trials())
+    dpo = run_dpo(study, task, tracker, task_run, resources, sft)
+    log.info("[%s] DPO selected %s at step %d (dev %s %.3f)", task.name, _hp(dpo.hparams), dpo.selected.step,
+             task.metric, dpo.selected.dev)
+    scored["dpo"] = evaluate(study, task, dpo.checkpoint, resources).test
+    stages["dpo"] = log_stage(tracker, dpo, scored["dpo"], task.metric)
 
-        for stage, s in scored.items():
-            outcomes += [{"task": task.name, "stage": stage, "id": i, "correct": c} for i, c in zip(s.ids, s.correct)]
-        result = {
-            "kind": task.kind,
-            "metric": task.metric,
-            "n_test": len(base.test.ids),
-            "stages": stages,
-            "comparisons": compare(scored, threshold),
-            **task_costs(stages),
-        }
-        tracker.metrics(task_run, {k: v for k, v in result.items() if k.endswith(("_hours", "_ratio")) and v is not None})
-        status = "FINISHED"
-        return result
-    finally:
-        tracker.end(task_run, status)
+    for stage, s in scored.items():
+        outcomes += [{"task": task.name, "stage": stage, "id": i, "correct": c} for i, c in zip(s.ids, s.correct)]
+    result = {
+        "kind": task.kind,
+        "metric": task.metric,
+        "n_test": len(base.test.ids),
+        "stages": stages,
+        "comparisons": compare(scored, threshold),
+        **task_costs(stages),
+    }
+    tracker.metrics(task_run, {k: v for k, v in result.items() if k.endswith(("_hours", "_ratio")) and v is not None})
+    tracker.end(task_run)
+    return result
 
 
 def load_all_splits(tasks: list[TaskConfig]) -> dict[str, dict[str, list[Example]]]:

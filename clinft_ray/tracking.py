@@ -45,6 +45,7 @@ class Tracker:
 
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.open: list[str] = []  # runs started and not yet ended, oldest first
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
 
@@ -54,6 +55,7 @@ class Tracker:
         if parent:
             all_tags["mlflow.parentRunId"] = parent
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        self.open.append(run.info.run_id)
         return run.info.run_id
 
     def params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -70,6 +72,13 @@ class Tracker:
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+        if run_id in self.open:
+            self.open.remove(run_id)
+
+    def end_open(self, status: str) -> None:
+        """End every run still open (innermost first), so none is left RUNNING after a failure."""
+        for run_id in reversed(list(self.open)):
+            self.end(run_id, status)
 
     def artifact(self, run_id: str, path: Path) -> None:
         self.client.log_artifact(run_id, str(path))
