@@ -51,7 +51,7 @@ def run_study(study: Study) -> dict[str, Any]:
     data = load_all_splits(cfg.tasks)  # every split checked before any compute
     resources = start_ray(study)
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.output_dir)
-    tracker = Tracker(uri, cfg.mlflow.experiment or cfg.study)
+    tracker = Tracker(uri, cfg.mlflow.experiment or cfg.study, artifact_dir=cfg.output_dir / "mlartifacts")
     study_run = tracker.start(cfg.study, tags={"clinft.kind": "study"})
     tracker.params(study_run, {"model": cfg.model.name_or_path, "finetune": cfg.model.finetune, "seed": cfg.seed,
                                "tasks": ",".join(t.name for t in cfg.tasks), "alpha": cfg.stats.alpha})

@@ -40,14 +40,22 @@ def default_tracking_uri(output_dir: Path) -> str:
 class Tracker:
     """Creates the study's runs and logs to them by id."""
 
-    def __init__(self, tracking_uri: str, experiment: str):
+    def __init__(self, tracking_uri: str, experiment: str, artifact_dir: Path | None = None):
+        """`artifact_dir`: where a new experiment keeps its artifacts when the store is a local
+        database (MLflow's default, ./mlruns, would land in whatever folder the user ran from); a
+        tracking server decides that itself."""
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.open: list[str] = []  # runs started and not yet ended, oldest first
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        if found:
+            self.experiment_id = found.experiment_id
+        else:
+            local = artifact_dir is not None and not tracking_uri.startswith(("http://", "https://", "databricks"))
+            location = Path(artifact_dir).resolve().as_uri() if local else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
 
     def start(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
         """Create a run (nested under `parent` when given) and return its id."""

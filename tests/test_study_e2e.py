@@ -140,3 +140,12 @@ def test_dpo_starts_from_selected_sft_and_weights_change(demo):
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(base[key], sft[key])
     assert not torch.equal(sft[key], dpo[key])
+
+
+def test_artifacts_stay_in_the_output_dir(demo):
+    _, results, out, client, _ = demo
+    names = {a.path for a in client.list_artifacts(results["mlflow"]["study_run_id"])}
+    assert {"results.json", "report.md", "outcomes.jsonl"} <= names
+    location = client.get_experiment(results["mlflow"]["experiment_id"]).artifact_location
+    assert location == (out / "mlartifacts").resolve().as_uri()
+    assert (out / "mlartifacts").is_dir()

@@ -1,0 +1,122 @@
+"""An LLM judge over any OpenAI-compatible chat-completions endpoint (vLLM, TGI, a hosted API).
+
+It grades open-ended answers (correct / incorrect against the gold answer) and rates summaries on a
+1-5 Likert scale with a rubric (the paper's "2-3 sentences for an internist"). Temperature 0 by
+default, at most `concurrency` requests in flight, retries with exponential backoff (the `openai`
+client's own), and an on-disk cache so a resumed study never pays for the same grade twice.
+
+The cache is a sqlite file keyed by a sha256 of (model, messages, temperature) and holds only the
+parsed grade, never the text sent or received: the text is patient data. Sending that text to an
+endpoint outside the user's network is refused unless the config opts in (`judge.allow_external`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from clinft_ray.config import JudgeConfig
+
+CORRECTNESS_RUBRIC = (
+    "You grade answers to clinical questions. Compare the candidate answer with the reference answer. "
+    "The candidate is correct if it states the same diagnosis or management as the reference, even in "
+    "other words. Reply with exactly one word: CORRECT or INCORRECT."
+)
+SUMMARY_RUBRIC = (
+    "You rate summaries of clinical notes written for an internist. A good summary is 2-3 sentences, "
+    "states the main diagnosis, the key treatment and the follow-up, and adds nothing that is not in "
+    "the note. Compare the candidate with the reference summary and rate the candidate from 1 (useless "
+    "or wrong) to 5 (as good as the reference). Reply with a single digit from 1 to 5."
+)
+
+
+class JudgeError(RuntimeError):
+    """The judge could not be reached or gave no usable grade (the message never quotes text)."""
+
+
+def _sections(**parts: str) -> str:
+    return "\n\n".join(f"### {name.replace('_', ' ').title()}\n{text}" for name, text in parts.items())
+
+
+def parse_correct(reply: str) -> bool | None:
+    word = re.search(r"\b(INCORRECT|CORRECT)\b", reply.upper())
+    return None if word is None else word.group(1) == "CORRECT"
+
+
+def parse_likert(reply: str) -> int | None:
+    digit = re.search(r"\b([1-5])\b", reply)
+    return None if digit is None else int(digit.group(1))
+
+
+class Judge:
+    """Grades through the configured endpoint, with a cache at `cache_path`."""
+
+    def __init__(self, cfg: JudgeConfig, cache_path: Path):
+        from openai import OpenAI
+
+        self.cfg = cfg
+        key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+        self.client = OpenAI(base_url=cfg.base_url, api_key=key or "not-needed", max_retries=cfg.max_retries,
+                             timeout=cfg.timeout_s)
+        self.cache_path = Path(cache_path)
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        with self._db() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS grades (key TEXT PRIMARY KEY, grade TEXT NOT NULL)")
+
+    def _db(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.cache_path, timeout=60)
+        db.execute("PRAGMA journal_mode=WAL")
+        return db
+
+    def _key(self, messages: list[dict[str, str]]) -> str:
+        blob = json.dumps([self.cfg.model, self.cfg.temperature, messages], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _ask(self, messages: list[dict[str, str]], parse: Callable[[str], Any]) -> Any:
+        key = self._key(messages)
+        with self._lock, self._db() as db:
+            hit = db.execute("SELECT grade FROM grades WHERE key = ?", (key,)).fetchone()
+        if hit is not None:
+            return json.loads(hit[0])
+        for _ in range(2):  # one more try when the reply has no grade in it
+            try:
+                reply = self.client.chat.completions.create(
+                    model=self.cfg.model, messages=messages, temperature=self.cfg.temperature, max_tokens=8)
+            except Exception as exc:  # the openai client has already retried with backoff
+                raise JudgeError(f"judge at {self.cfg.base_url} failed after {self.cfg.max_retries} retries "
+                                 f"({type(exc).__name__}); check judge.base_url and that the server is up") from None
+            grade = parse(reply.choices[0].message.content or "")
+            if grade is not None:
+                with self._lock, self._db() as db:
+                    db.execute("INSERT OR REPLACE INTO grades VALUES (?, ?)", (key, json.dumps(grade)))
+                return grade
+        raise JudgeError(f"judge model {self.cfg.model!r} replied without a grade twice; check its rubric")
+
+    def _many(self, prompts: list[list[dict[str, str]]], parse: Callable[[str], Any]) -> list[Any]:
+        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
+            return list(pool.map(lambda m: self._ask(m, parse), prompts))
+
+    def grade_answers(self, questions: list[str], references: list[str], answers: list[str]) -> list[bool]:
+        """Correct / incorrect for each answer against its reference."""
+        rubric = self.cfg.correctness_rubric or CORRECTNESS_RUBRIC
+        prompts = [[{"role": "system", "content": rubric},
+                    {"role": "user", "content": _sections(question=q, reference=r, candidate=a)}]
+                   for q, r, a in zip(questions, references, answers, strict=True)]
+        return self._many(prompts, parse_correct)
+
+    def rate_summaries(self, sources: list[str], references: list[str], summaries: list[str]) -> list[int]:
+        """A 1-5 Likert rating for each summary."""
+        rubric = self.cfg.summary_rubric or SUMMARY_RUBRIC
+        prompts = [[{"role": "system", "content": rubric},
+                    {"role": "user", "content": _sections(note=s, reference=r, candidate=c)}]
+                   for s, r, c in zip(sources, references, summaries, strict=True)]
+        return self._many(prompts, parse_likert)
