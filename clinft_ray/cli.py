@@ -1,7 +1,7 @@
 """The `clinft` command.
 
     clinft run study.yaml [--out DIR] [--set key=value ...]   run a study (local GPUs, CPU, or a Ray cluster)
-    clinft demo [--out DIR] [--set key=value ...]             the built-in demo, no downloads, CPU is fine
+    clinft demo [--out DIR] [--tasks all] [--set key=value ...]   the built-in demo, no downloads, CPU is fine
     clinft validate study.yaml [--set key=value ...]          check the config and every split, load no model
 
 Exit codes: 0 done, 2 bad config, data or resources (one line per problem, no row text), 1 anything else.
@@ -31,6 +31,8 @@ def make_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", help="output directory (overrides output_dir)")
     p = sub.add_parser("demo", help="run the built-in demo study on a tiny local model")
     p.add_argument("--out", default="clinft-demo", help="output directory (default: ./clinft-demo)")
+    p.add_argument("--tasks", default="classification",
+                   help="classification (default, ~3 min on 2 CPUs), all, or a comma list of task kinds")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     return parser
 
@@ -46,9 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             return validate(args.config, args.set)
         if args.command == "demo":
-            from clinft_ray.demo import prepare_demo
-
-            config, out = prepare_demo(args.out), None
+            return demo(args.out, args.tasks, args.set)
         else:
             config, out = args.config, args.out
         return run(config, args.set, out)
@@ -61,11 +61,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def demo(out: str, tasks: str, overrides: list[str]) -> int:
+    """Prepare the demo folder and run it; a rule-based judge serves on 127.0.0.1 when needed."""
+    from clinft_ray.demo import judge_server, needs_judge, prepare_demo
+
+    config = prepare_demo(out, tasks)
+    if not needs_judge(config):
+        return run(config, overrides, None)
+    server, url = judge_server.start()
+    log.info("demo judge (rule-based, word overlap) on %s", url)
+    try:
+        return run(config, [f"judge.base_url={url}", *overrides], None)
+    finally:
+        server.shutdown()
+
+
 def validate(config: str, overrides: list[str]) -> int:
-    from clinft_ray.study import load_all_splits
+    from clinft_ray.study import check_data
 
     study = load_study(config, overrides)
-    data = load_all_splits(study.config.tasks)
+    data = check_data(study)
     for name, splits in data.items():
         print(f"{name}: " + ", ".join(f"{s} {len(rows)} rows" for s, rows in splits.items()))
     print(f"{config}: OK ({study.sft_space.num_trials()} SFT + {study.dpo_space.num_trials()} DPO trials per task)")

@@ -11,10 +11,12 @@ name the dotted key, the bad value's type (never a data row) and the fix; unknow
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -59,32 +61,150 @@ class Splits(_Strict):
     test: Path
 
 
-class TaskConfig(_Strict):
+def _check_labels(labels: list[str], positive: str | None, where: str) -> None:
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{where}labels {labels} repeat a label; list each label once")
+    if positive is not None and positive not in labels:
+        raise ValueError(f"{where}positive_label {positive!r} is not one of labels {labels}; pick one of them, "
+                         "or drop positive_label for macro F1")
+    if positive is not None and len(labels) != 2:
+        raise ValueError(f"{where}positive_label needs exactly two labels; drop it for macro F1")
+
+
+class _Task(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    splits: Splits
+
+
+class ClassificationTask(_Task):
+    """One label per answer. Selection metric: F1 (binary of `positive_label`, else macro)."""
+
     kind: Literal["classification"]
     labels: list[str] = Field(min_length=2)
     positive_label: str | None = None
     scoring: Literal["loglik", "generate"] = "loglik"
     max_new_tokens: int = Field(16, gt=0)
-    splits: Splits
 
     @model_validator(mode="after")
-    def _labels(self) -> TaskConfig:
-        if len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"labels {self.labels} repeat a label; list each label once")
-        if self.positive_label is not None and self.positive_label not in self.labels:
-            raise ValueError(
-                f"positive_label {self.positive_label!r} is not one of labels {self.labels}; "
-                "pick one of them, or drop positive_label for macro F1"
-            )
-        if self.positive_label is not None and len(self.labels) != 2:
-            raise ValueError("positive_label needs exactly two labels; drop it for macro F1")
+    def _labels(self) -> ClassificationTask:
+        _check_labels(self.labels, self.positive_label, "")
+        return self
+
+    metric: ClassVar[str] = "f1"
+
+    @property
+    def outcome_metrics(self) -> dict[str, str]:
+        """Per-example outcome -> the aggregate metric it feeds (one comparison per outcome)."""
+        return {"correct": "f1"}
+
+
+class LabelSet(_Strict):
+    labels: list[str] = Field(min_length=2)
+    positive_label: str | None = None
+
+
+PAPER_TRIAGE = {
+    "urgency": LabelSet(labels=["urgent", "non-urgent"], positive_label="urgent"),
+    "responder": LabelSet(labels=["physician", "medical assistant"], positive_label="physician"),
+}
+
+
+class TriageTask(_Task):
+    """Several label sets answered together (the paper: urgency and responder), e.g. "urgent; physician".
+    F1 per label set; selection on their mean (`f1`)."""
+
+    kind: Literal["triage"]
+    label_sets: dict[str, LabelSet] = Field(default_factory=lambda: dict(PAPER_TRIAGE), min_length=1)
+    answer_template: str | None = Field(
+        None, description="how an answer is written, e.g. '{urgency}; {responder}' (the default: sets joined by '; ')")
+    scoring: Literal["loglik", "generate"] = "loglik"
+    max_new_tokens: int = Field(16, gt=0)
+
+    @model_validator(mode="after")
+    def _sets(self) -> TriageTask:
+        for name, ls in self.label_sets.items():
+            _check_labels(ls.labels, ls.positive_label, f"label_sets.{name}: ")
+        missing = [n for n in self.label_sets if "{" + n + "}" not in self.template]
+        if missing:
+            raise ValueError(f"answer_template lacks {', '.join('{' + n + '}' for n in missing)}; name every label set")
         return self
 
     @property
-    def metric(self) -> str:
-        """The dev/test metric used for selection: binary F1 with a positive label, else macro F1."""
-        return "f1"
+    def template(self) -> str:
+        return self.answer_template or "; ".join("{" + n + "}" for n in self.label_sets)
+
+    metric: ClassVar[str] = "f1"
+
+    @property
+    def outcome_metrics(self) -> dict[str, str]:
+        return {f"correct_{n}": f"f1_{n}" for n in self.label_sets}
+
+
+class ReasoningTask(_Task):
+    """Open-ended answers graded correct/incorrect against the gold answer: normalized match (or the
+    option letter, when a row has `options`), or the judge. Selection metric: accuracy."""
+
+    kind: Literal["reasoning"]
+    grading: Literal["match", "judge"] = "match"
+    max_new_tokens: int = Field(48, gt=0)
+
+    metric: ClassVar[str] = "accuracy"
+
+    @property
+    def outcome_metrics(self) -> dict[str, str]:
+        return {"correct": "accuracy"}
+
+
+class SummarizationTask(_Task):
+    """Summaries rated 1-5 by the judge with a rubric, plus ROUGE-L against the gold summary.
+    Selection metric: the mean judge score; comparisons by paired t-test."""
+
+    kind: Literal["summarization"]
+    max_new_tokens: int = Field(128, gt=0)
+
+    metric: ClassVar[str] = "judge"
+
+    @property
+    def outcome_metrics(self) -> dict[str, str]:
+        return {"score": "judge"}
+
+
+TaskConfig = Annotated[ClassificationTask | TriageTask | ReasoningTask | SummarizationTask,
+                       Field(discriminator="kind")]
+TASK_KINDS = {"classification": ClassificationTask, "triage": TriageTask, "reasoning": ReasoningTask,
+              "summarization": SummarizationTask}
+
+
+def _is_internal(host: str) -> bool:
+    """Loopback, private or link-local addresses, and single-label or .local/.internal/.lan names."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host == "localhost" or "." not in host or host.endswith((".local", ".internal", ".lan", ".localdomain"))
+    return ip.is_loopback or ip.is_private or ip.is_link_local
+
+
+class JudgeConfig(_Strict):
+    """An OpenAI-compatible chat-completions endpoint that grades open answers and summaries."""
+
+    base_url: str = Field(pattern=r"^https?://", description="e.g. http://127.0.0.1:8000/v1 (a vLLM server)")
+    model: str = Field(min_length=1)
+    api_key_env: str | None = Field(None, description="name of the env var holding the key (never the key)")
+    temperature: float = Field(0.0, ge=0, le=2)
+    concurrency: int = Field(4, gt=0)
+    max_retries: int = Field(5, ge=0)
+    timeout_s: float = Field(60, gt=0)
+    allow_external: bool = Field(False, description="opt in to sending patient text outside your network")
+    correctness_rubric: str | None = None
+    summary_rubric: str | None = None
+
+    @model_validator(mode="after")
+    def _where(self) -> JudgeConfig:
+        host = urlparse(self.base_url).hostname or ""
+        if not self.allow_external and not _is_internal(host):
+            raise ValueError(f"base_url host {host!r} is outside your network and the judge sends patient text "
+                             "to it; use an on-premises endpoint, or set judge.allow_external: true to opt in")
+        return self
 
 
 class StageConfig(_Strict):
@@ -132,13 +252,18 @@ class StudyConfig(_Strict):
     stats: StatsConfig = StatsConfig()
     mlflow: MlflowConfig = MlflowConfig()
     ray: RayConfig = RayConfig()
+    judge: JudgeConfig | None = None
 
     @model_validator(mode="after")
-    def _unique_tasks(self) -> StudyConfig:
+    def _cross_checks(self) -> StudyConfig:
         names = [t.name for t in self.tasks]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"task names {dupes} repeat; give every task its own name")
+        needs = [t.name for t in self.tasks if t.kind == "summarization" or getattr(t, "grading", "") == "judge"]
+        if needs and self.judge is None:
+            raise ValueError(f"tasks {needs} are graded by a judge but the config has no judge: section; add "
+                             "judge: {base_url: ..., model: ...}")
         return self
 
 
@@ -185,21 +310,36 @@ def apply_override(data: dict, key: str, value: Any) -> None:
             raise ConfigError("--set", [f"{key}: {'.'.join(parts[:i])} is not a mapping or list"])
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The config models inside a type: `X`, `list[X]`, `dict[str, X]`, `Annotated[A | B, ...]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def _kind_tag(model: type[BaseModel]) -> str | None:
+    field = model.model_fields.get("kind")
+    return get_args(field.annotation)[0] if field is not None and get_args(field.annotation) else None
+
+
 def _known_fields(model: type[BaseModel], loc: tuple) -> list[str]:
     """The field names allowed at `loc` (the parent of an unknown key), for 'did you mean'."""
+    models = [model]
     for part in loc:
         if isinstance(part, int):
             continue
-        field = model.model_fields.get(part)
-        if field is None:
+        tagged = [m for m in models if _kind_tag(m) == part]  # pydantic puts a union's tag in the path
+        if tagged:
+            models = tagged
+            continue
+        found = [m for mod in models if (f := mod.model_fields.get(part)) for m in _models_in(f.annotation)]
+        if found:
+            models = found
+        elif not any(part in mod.model_fields for mod in models):
+            continue  # a dict key, such as a label set's name
+        else:
             return []
-        ann = field.annotation
-        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type)]
-        nxt = ann if isinstance(ann, type) else next((a for a in args if issubclass(a, BaseModel)), None)
-        if nxt is None or not issubclass(nxt, BaseModel):
-            return []
-        model = nxt
-    return list(model.model_fields)
+    return sorted({name for m in models for name in m.model_fields})
 
 
 def format_errors(err: ValidationError, model: type[BaseModel]) -> list[str]:
@@ -207,7 +347,8 @@ def format_errors(err: ValidationError, model: type[BaseModel]) -> list[str]:
     lines = []
     for e in err.errors(include_url=False, include_input=False):
         loc = tuple(e["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        shown = [p for i, p in enumerate(loc) if not (p in TASK_KINDS and i and isinstance(loc[i - 1], int))]
+        key = ".".join(str(p) for p in shown) or "(top level)"
         if e["type"] == "extra_forbidden":
             known = _known_fields(model, loc[:-1])
             hint = difflib.get_close_matches(str(loc[-1]), known, n=1)

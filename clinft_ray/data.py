@@ -2,7 +2,7 @@
 
 Each split is a JSONL, CSV or Parquet file whose rows have `id`, `prompt`, `chosen` (the gold answer)
 and `rejected` (a worse answer); in JSONL the prompt may also be a list of chat messages
-(`[{"role": "user", "content": ...}]`). Problems are reported as one line per problem naming the file,
+(`[{"role": "user", "content": ...}]`), and a reasoning row may carry `options` (letter -> text). Problems are reported as one line per problem naming the file,
 the row and the column, never the row's text: it may be patient data.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,18 +28,30 @@ class DataError(ValueError):
         super().__init__("\n".join(problems))
 
 
+GoldCheck = Callable[[dict[str, Any]], "str | None"]
+
+
 @dataclass(frozen=True)
 class Example:
     id: str
     prompt: Prompt
     chosen: str
     rejected: str
+    options: dict[str, str] | None = None  # multiple-choice options by letter, when the task has them
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(row number, row) pairs. Row N is line N of a JSONL file (blank lines skipped but counted, so
     the number is the line an editor shows), or the Nth data row of a CSV (after its header) or
     Parquet file."""
+    if path.is_dir():  # a dataset saved with `datasets.Dataset.save_to_disk`
+        from datasets import load_from_disk
+
+        try:
+            return list(enumerate(load_from_disk(str(path)).to_list(), start=1))
+        except (FileNotFoundError, ValueError):
+            raise DataError([f"{path}: a folder but not a saved dataset; pass a file, or a folder written by "
+                             "datasets' save_to_disk"]) from None
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows = []
@@ -64,7 +77,7 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     raise DataError([f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .parquet"])
 
 
-def _row_problems(path: Path, n: int, row: dict[str, Any], labels: list[str] | None) -> list[str]:
+def _row_problems(path: Path, n: int, row: dict[str, Any], check: GoldCheck | None) -> list[str]:
     where = f"{path}: row {n}"
     missing = [c for c in COLUMNS if c not in row]
     if missing:
@@ -77,13 +90,14 @@ def _row_problems(path: Path, n: int, row: dict[str, Any], labels: list[str] | N
             out.append(f"{where} (id {row['id']}): column {col!r} is empty or not text; fill it in")
     if not out and row["chosen"].strip() == row["rejected"].strip():
         out.append(f"{where} (id {row['id']}): 'chosen' equals 'rejected'; DPO needs them to differ")
-    if not out and labels is not None and row["chosen"].strip() not in labels:
-        out.append(f"{where} (id {row['id']}): 'chosen' is not one of the task's labels {labels}; fix the label")
+    if not out and check is not None and (problem := check(row)):
+        out.append(f"{where} (id {row['id']}): {problem}")
     return out
 
 
-def load_split(path: str | Path, labels: list[str] | None = None) -> list[Example]:
-    """Read and check one split. Raises `DataError` listing every problem in it."""
+def load_split(path: str | Path, check: GoldCheck | None = None) -> list[Example]:
+    """Read and check one split; `check(row)` adds the task kind's own check of the gold answer
+    (see `tasks.gold_check`). Raises `DataError` listing every problem in the split."""
     path = Path(path)
     try:
         raw = _read_rows(path)
@@ -91,27 +105,53 @@ def load_split(path: str | Path, labels: list[str] | None = None) -> list[Exampl
         raise DataError([f"{path}: file not found; fix the split's path in the config"]) from None
     except UnicodeDecodeError:
         raise DataError([f"{path}: not UTF-8 text; re-save the file as UTF-8"]) from None
+    except PermissionError:
+        raise DataError([f"{path}: cannot be read (permission denied); make it readable by this user"]) from None
+    except OSError as exc:
+        raise DataError([f"{path}: cannot be read ({type(exc).__name__}); check the file"]) from None
     if not raw:
         raise DataError([f"{path}: the split is empty; it needs at least one row"])
     problems: list[str] = []
     seen: dict[str, int] = {}
     for n, row in raw:
-        problems += _row_problems(path, n, row, labels)
+        problems += _row_problems(path, n, row, check)
         rid = str(row.get("id", ""))
         if rid in seen:
             problems.append(f"{path}: row {n}: id {rid!r} repeats row {seen[rid]}; ids must be unique")
         seen.setdefault(rid, n)
     if problems:
         raise DataError(problems)
-    return [Example(str(r["id"]), r["prompt"], r["chosen"].strip(), r["rejected"].strip()) for _, r in raw]
+    return [Example(str(r["id"]), r["prompt"], r["chosen"].strip(), r["rejected"].strip(), _options(r)) for _, r in raw]
+
+
+def _options(row: dict[str, Any]) -> dict[str, str] | None:
+    options = row.get("options")
+    return {str(k).upper(): str(v) for k, v in options.items()} if isinstance(options, dict) and options else None
+
+
+def leakage_problems(train: list[Example], other: list[Example], train_path: Path, other_path: Path) -> list[str]:
+    """Rows of `other` (test or dev) whose prompt also appears in train: their scores would be
+    inflated by memorisation."""
+    seen = {_prompt_key(e.prompt): e.id for e in train}
+    return [f"{other_path}: id {e.id}: the same prompt is in {train_path.name} (id {seen[_prompt_key(e.prompt)]}); "
+            f"remove it from one of the two splits" for e in other if _prompt_key(e.prompt) in seen]
+
+
+def _prompt_key(prompt: Prompt) -> str:
+    text = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+    return hashlib.sha256(" ".join(text.split()).lower().encode()).hexdigest()
 
 
 def fingerprint(path: str | Path) -> str:
-    """sha256 of a split file: logged instead of its content, to tell datasets apart without PHI."""
+    """sha256 of a split file (or of a saved dataset folder's files): logged instead of its content,
+    to tell datasets apart without PHI."""
     h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    p = Path(path)
+    for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
+        if f.is_file():
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):  # noqa: B023 (consumed at once)
+                    h.update(block)
     return h.hexdigest()
 
 

@@ -1,12 +1,14 @@
 """Scoring a model on a split by the task's own metric, from the model's outputs.
 
-Two ways to get a classification answer:
-- `loglik` (default, fast): the label whose answer text (rendered exactly as in training, end-of-turn
-  included) has the highest log-likelihood given the prompt;
-- `generate`: greedy decoding of up to `max_new_tokens`, parsed to a label by `tasks.parse_label`.
+Two ways to get a model's answer:
+- `loglik` (classification and triage; default, fast): the candidate answer (a label, or a
+  combination of triage labels written with the task's template) whose text, rendered exactly as in
+  training with end-of-turn, has the highest log-likelihood given the prompt;
+- `generate`: greedy decoding of up to `max_new_tokens`, then parsed (labels, option letters) or
+  graded (normalized match, the judge) by `tasks`.
 
-`score_split` returns per-example outcomes (`id`, `correct`; the predicted label is kept in memory
-only) and the aggregate metrics. No text leaves this module.
+`score_split` returns per-example outcomes and the aggregate metrics. Generated text is kept in
+memory only: no text leaves this module except to the configured judge.
 """
 
 from __future__ import annotations
@@ -14,17 +16,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from clinft_ray.config import TaskConfig
+from clinft_ray.config import ClassificationTask, ReasoningTask, TaskConfig, TriageTask
 from clinft_ray.data import Example, as_messages
 from clinft_ray.modeling import has_chat_template
-from clinft_ray.tasks import classification_metrics, parse_label
+from clinft_ray.tasks import (
+    classification_metrics,
+    parse_label,
+    parse_triage,
+    prompt_text,
+    reasoning_correct,
+    rouge_l,
+    triage_answers,
+    triage_scores,
+)
 
 
 @dataclass(frozen=True)
 class Scored:
+    """Aggregate metrics, and per-example outcomes by name (bool: correct / incorrect, float: a
+    score) in the order of `ids`."""
+
     metrics: dict[str, float]
     ids: list[str]
-    correct: list[bool]
+    outcomes: dict[str, list[Any]]
 
 
 def render(tokenizer: Any, prompt: Any, answer: str | None = None) -> tuple[str, str | None]:
@@ -46,19 +60,20 @@ def _prompt_ids(tokenizer: Any, text: str, budget: int) -> list[int]:
     return ids[-budget:] if budget > 0 else ids[-1:]  # keep the end of a long prompt: the question is there
 
 
-def loglik_predict(model: Any, tokenizer: Any, task: TaskConfig, examples: list[Example], max_length: int,
-                   batch_size: int = 16) -> list[str]:
-    """The most likely label for each example (sum of the answer's token log-probs)."""
+def loglik_choose(model: Any, tokenizer: Any, examples: list[Example], answers: list[str], max_length: int,
+                  batch_size: int = 16) -> list[int]:
+    """For each example, the index of the most likely of `answers` (sum of the answer's token
+    log-probs, the answer rendered exactly as in training, end-of-turn included)."""
     import torch
 
-    pairs = []  # (example index, label index, input ids, number of answer tokens)
+    pairs = []  # (example index, answer index, input ids, number of answer tokens)
     for i, ex in enumerate(examples):
-        for j, label in enumerate(task.labels):
-            head, tail = render(tokenizer, ex.prompt, label)
+        for j, answer in enumerate(answers):
+            head, tail = render(tokenizer, ex.prompt, answer)
             a = tokenizer(tail, add_special_tokens=False)["input_ids"]
             p = _prompt_ids(tokenizer, head, max_length - len(a))
             pairs.append((i, j, p + a, len(a)))
-    scores = torch.full((len(examples), len(task.labels)), float("-inf"))
+    scores = torch.full((len(examples), len(answers)), float("-inf"))
     dev = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     for start in range(0, len(pairs), batch_size):
@@ -75,20 +90,19 @@ def loglik_predict(model: Any, tokenizer: Any, task: TaskConfig, examples: list[
         tok_lp = logp.gather(-1, input_ids[:, 1:].to(dev).unsqueeze(-1)).squeeze(-1).cpu()
         for r, (i, j, ids, n_ans) in enumerate(chunk):
             scores[i, j] = tok_lp[r, len(ids) - 1 - n_ans : len(ids) - 1].sum()
-    return [task.labels[k] for k in scores.argmax(dim=1).tolist()]
+    return scores.argmax(dim=1).tolist()
 
 
-def generate_predict(model: Any, tokenizer: Any, task: TaskConfig, examples: list[Example], max_length: int,
-                     batch_size: int = 16) -> list[str]:
-    """Greedy answers parsed to labels."""
+def generate(model: Any, tokenizer: Any, examples: list[Example], max_new_tokens: int, max_length: int,
+             batch_size: int = 16) -> list[str]:
+    """Greedy answers, decoded without special tokens."""
     import torch
 
     dev = next(model.parameters()).device
-    preds: list[str] = []
+    texts: list[str] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        prompts = [_prompt_ids(tokenizer, render(tokenizer, e.prompt)[0], max_length - task.max_new_tokens)
-                   for e in chunk]
+        prompts = [_prompt_ids(tokenizer, render(tokenizer, e.prompt)[0], max_length - max_new_tokens) for e in chunk]
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
@@ -97,24 +111,75 @@ def generate_predict(model: Any, tokenizer: Any, task: TaskConfig, examples: lis
             mask[r, width - len(p) :] = 1
         with torch.no_grad():
             out = model.generate(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
-                                 max_new_tokens=task.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        preds += [parse_label(t, task.labels) for t in texts]
-    return preds
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return texts
 
 
-def score_split(model: Any, tokenizer: Any, task: TaskConfig, examples: list[Example], max_length: int) -> Scored:
-    """Score `examples` by the task's metric; the model is put in eval mode and restored after."""
+def score_split(model: Any, tokenizer: Any, task: TaskConfig, examples: list[Example], max_length: int,
+                judge: Any = None) -> Scored:
+    """Score `examples` by the task kind's metrics; the model is put in eval mode and restored after.
+    `judge` (a `judge.Judge`) is needed for summarization and judge-graded reasoning."""
     was_training = model.training
     model.eval()
     try:
-        predict = loglik_predict if task.scoring == "loglik" else generate_predict
-        preds = predict(model, tokenizer, task, examples, max_length)
+        metrics, outcomes = _score(model, tokenizer, task, examples, max_length, judge)
     finally:
         model.train(was_training)
-    gold = [e.chosen for e in examples]
-    return Scored(
-        metrics=classification_metrics(task, gold, preds),
-        ids=[e.id for e in examples],
-        correct=[g == p for g, p in zip(gold, preds, strict=True)],
-    )
+    return Scored(metrics=metrics, ids=[e.id for e in examples], outcomes=outcomes)
+
+
+def _score(model: Any, tok: Any, task: TaskConfig, examples: list[Example], max_length: int,
+           judge: Any) -> tuple[dict[str, float], dict[str, list[Any]]]:
+    def answers_by(candidates: list[str]) -> list[int]:
+        return loglik_choose(model, tok, examples, candidates, max_length)
+
+    def texts() -> list[str]:
+        return generate(model, tok, examples, task.max_new_tokens, max_length)
+
+    if isinstance(task, ClassificationTask):
+        if task.scoring == "loglik":
+            preds = [task.labels[k] for k in answers_by(task.labels)]
+        else:
+            preds = [parse_label(t, task.labels) for t in texts()]
+        gold = [e.chosen for e in examples]
+        return classification_metrics(task, gold, preds), {"correct": [g == p for g, p in zip(gold, preds)]}
+    if isinstance(task, TriageTask):
+        if task.scoring == "loglik":
+            combos = triage_answers(task)
+            preds = [combos[k] for k in answers_by([task.template.format(**c) for c in combos])]
+        else:
+            preds = [parse_triage(t, task) for t in texts()]
+        return triage_scores(task, examples, preds)
+    if isinstance(task, ReasoningTask):
+        correct = reasoning_correct(task, examples, texts(), judge)
+        return {"accuracy": sum(correct) / len(correct)}, {"correct": correct}
+    summaries = texts()
+    ratings = judge.rate_summaries([prompt_text(e.prompt) for e in examples], [e.chosen for e in examples], summaries)
+    rouge = [rouge_l(s, e.chosen) for s, e in zip(summaries, examples, strict=True)]
+    return ({"judge": sum(ratings) / len(ratings), "rougeL": sum(rouge) / len(rouge)},
+            {"score": [float(r) for r in ratings]})
+
+
+def data_problems(tokenizer: Any, splits: dict[str, tuple[Any, list[Example]]], max_length: int,
+                  model_name: str) -> list[str]:
+    """Checks that need the tokenizer (not the model): chat-formatted prompts for a model without a
+    chat template, and training rows whose prompt alone fills `max_length`, so that truncation would
+    remove the whole answer. `splits` maps split name -> (path, examples)."""
+    problems = []
+    chat = has_chat_template(tokenizer)
+    for split, (path, examples) in splits.items():
+        if not chat and any(not isinstance(e.prompt, str) for e in examples):
+            problems.append(f"{path}: prompts are chat messages but the model {model_name} has no chat template; "
+                            "use a chat/instruct model or plain-text prompts")
+            continue
+        if split not in ("train", "eval"):
+            continue  # scoring keeps the end of a long prompt and the whole answer
+        for e in examples:
+            head, tail = render(tokenizer, e.prompt, e.chosen)
+            n_prompt = len(tokenizer(head, add_special_tokens=not chat)["input_ids"])
+            if n_prompt >= max_length:
+                problems.append(f"{path}: id {e.id}: the prompt is {n_prompt} tokens, so truncation at "
+                                f"model.max_length {max_length} would remove the whole answer; raise "
+                                "model.max_length or shorten the prompt")
+    return problems

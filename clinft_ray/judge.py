@@ -120,3 +120,9 @@ class Judge:
                     {"role": "user", "content": _sections(note=s, reference=r, candidate=c)}]
                    for s, r, c in zip(sources, references, summaries, strict=True)]
         return self._many(prompts, parse_likert)
+
+
+def judge_for(study: Any) -> Judge | None:
+    """The study's judge (cache in the output directory), or None when the config has none."""
+    cfg = study.config
+    return None if cfg.judge is None else Judge(cfg.judge, cfg.output_dir / "judge-cache.sqlite")

@@ -19,16 +19,28 @@ def _p(c: dict[str, Any]) -> str:
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """Markdown: test metric per stage and McNemar p-values (* = below the Bonferroni threshold)."""
+    """Markdown: per task and outcome, the test metric per stage and the paired p-values
+    (* = below the Bonferroni threshold)."""
     lines = [
-        "| task | metric | base | SFT | DPO | p base-SFT | p SFT-DPO | p base-DPO |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | metric | base | SFT | DPO | test | p base-SFT | p SFT-DPO | p base-DPO |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, t in results["tasks"].items():
-        m = t["metric"]
-        vals = " | ".join(f"{t['stages'][s]['test'][m]:.3f}" for s in STAGES)
-        ps = " | ".join(_p(c) for c in t["comparisons"])
-        lines.append(f"| {name} | {m} | {vals} | {ps} |")
+        for outcome, m in t["outcomes"].items():
+            vals = " | ".join(f"{t['stages'][s]['test'][m]:.3f}" for s in STAGES)
+            comps = [c for c in t["comparisons"] if c["outcome"] == outcome]
+            ps = " | ".join(_p(c) for c in comps)
+            lines.append(f"| {name} | {m} | {vals} | {comps[0]['test']} | {ps} |")
+    return "\n".join(lines)
+
+
+def metrics_table(results: dict[str, Any]) -> str:
+    """Markdown: every test metric of every stage (accuracy beside F1, ROUGE-L beside the judge)."""
+    lines = ["| task | stage | metrics on test |", "|---|---|---|"]
+    for name, t in results["tasks"].items():
+        for s in STAGES:
+            ms = ", ".join(f"{k} {v:.3f}" for k, v in t["stages"][s]["test"].items())
+            lines.append(f"| {name} | {s} | {ms} |")
     return "\n".join(lines)
 
 
@@ -60,8 +72,9 @@ def render_report(results: dict[str, Any]) -> str:
     return "\n\n".join([
         f"# {results['study']}: base vs SFT vs DPO on test",
         results_table(results),
-        f"McNemar's test on paired test outcomes; * marks p < {results['threshold']:.3g} "
-        f"(alpha {results['alpha']} / {results['comparisons_m']}, Bonferroni).",
+        f"Paired tests on test outcomes (McNemar for correct/incorrect, paired t for scores); * marks "
+        f"p < {results['threshold']:.3g} (alpha {results['alpha']} / {results['comparisons_m']}, Bonferroni).",
+        metrics_table(results),
         "## Selected on dev",
         selection_table(results),
         "## Cost",

@@ -12,8 +12,9 @@ import tempfile
 from typing import Any
 
 from clinft_ray.config import Study, TaskConfig
-from clinft_ray.data import load_split, sft_rows
+from clinft_ray.data import sft_rows
 from clinft_ray.evaluate import score_split
+from clinft_ray.judge import judge_for
 from clinft_ray.modeling import has_chat_template, load_base, load_tokenizer, peft_config, save_checkpoint, torch_dtype
 from clinft_ray.sweep import (
     DevReport,
@@ -24,6 +25,7 @@ from clinft_ray.sweep import (
     trainer_kwargs,
     without_printer,
 )
+from clinft_ray.tasks import load_task_split
 from clinft_ray.tracking import Tracker, TrialRuns
 
 
@@ -36,10 +38,12 @@ def sft_trial(hp: dict[str, Any], *, study: Study, task: TaskConfig) -> None:
     quiet_worker(cfg.resources.cpus_per_trial)
     tok = load_tokenizer(cfg.model)
     chat = has_chat_template(tok)
-    train, evl, dev = (load_split(getattr(task.splits, s), task.labels) for s in ("train", "eval", "dev"))
+    train, evl, dev = (load_task_split(task, s) for s in ("train", "eval", "dev"))
+
+    judge = judge_for(study)
 
     def score(model: Any):
-        return score_split(model, tok, task, dev, cfg.model.max_length)
+        return score_split(model, tok, task, dev, cfg.model.max_length, judge)
 
     def save(model: Any, folder: str, step: int) -> None:
         save_checkpoint(model, folder, cfg.model, parent=None, init_from=None, step=step)

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clinft_ray.config import SPLITS, Study, TaskConfig
-from clinft_ray.data import DataError, Example, fingerprint, load_split
+from clinft_ray.config import SPLITS, ConfigError, Study, TaskConfig
+from clinft_ray.data import DataError, Example, fingerprint, leakage_problems
 from clinft_ray.dpo import run_dpo
 from clinft_ray.evaluate import Scored
 from clinft_ray.report import write_outputs
 from clinft_ray.sft import run_sft
-from clinft_ray.stats import bonferroni_threshold, mcnemar
+from clinft_ray.stats import bonferroni_threshold, mcnemar, paired_t
+from clinft_ray.tasks import load_task_split
 from clinft_ray.sweep import StageResult
 from clinft_ray.tracking import Tracker, default_tracking_uri, redact_uri, trial_hours
 
@@ -48,7 +49,7 @@ def run_study(study: Study) -> dict[str, Any]:
     """Run the whole study; returns the `results.json` content. Assumes a validated `Study`."""
     cfg = study.config
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    data = load_all_splits(cfg.tasks)  # every split checked before any compute
+    data = check_data(study)  # every split checked before any compute
     resources = start_ray(study)
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.output_dir)
     tracker = Tracker(uri, cfg.mlflow.experiment or cfg.study, artifact_dir=cfg.output_dir / "mlartifacts")
@@ -57,7 +58,8 @@ def run_study(study: Study) -> dict[str, Any]:
                                "tasks": ",".join(t.name for t in cfg.tasks), "alpha": cfg.stats.alpha})
     status = "FAILED"
     try:
-        m = cfg.stats.comparisons or len(cfg.tasks)
+        # The paper's m: one per outcome compared (a triage task counts once per label set).
+        m = cfg.stats.comparisons or sum(len(t.outcome_metrics) for t in cfg.tasks)
         results: dict[str, Any] = {
             "study": cfg.study,
             "alpha": cfg.stats.alpha,
@@ -112,14 +114,16 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
     scored["dpo"] = evaluate(study, task, dpo.checkpoint, resources).test
     stages["dpo"] = log_stage(tracker, dpo, scored["dpo"], task.metric)
 
-    for stage, s in scored.items():
-        outcomes += [{"task": task.name, "stage": stage, "id": i, "correct": c} for i, c in zip(s.ids, s.correct)]
+    for stage, sc in scored.items():
+        outcomes += [{"task": task.name, "stage": stage, "id": i, **{k: v[n] for k, v in sc.outcomes.items()}}
+                     for n, i in enumerate(sc.ids)]
     result = {
         "kind": task.kind,
         "metric": task.metric,
         "n_test": len(base.test.ids),
         "stages": stages,
-        "comparisons": compare(scored, threshold),
+        "outcomes": task.outcome_metrics,
+        "comparisons": compare(scored, task.outcome_metrics, threshold),
         **task_costs(stages),
     }
     tracker.metrics(task_run, {k: v for k, v in result.items() if k.endswith(("_hours", "_ratio")) and v is not None})
@@ -127,17 +131,36 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
     return result
 
 
-def load_all_splits(tasks: list[TaskConfig]) -> dict[str, dict[str, list[Example]]]:
-    """Every split of every task, checked; raises one `DataError` listing all problems."""
+def check_data(study: Study) -> dict[str, dict[str, list[Example]]]:
+    """Every split of every task read and checked, plus the checks that need the tokenizer (not the
+    model); raises one `DataError` listing all problems. Runs before any compute."""
+    from clinft_ray.evaluate import data_problems
+    from clinft_ray.modeling import load_tokenizer
+
+    cfg = study.config
     data: dict[str, dict[str, list[Example]]] = {}
     problems: list[str] = []
-    for task in tasks:
+    for task in cfg.tasks:
         data[task.name] = {}
         for s in SPLITS:
             try:
-                data[task.name][s] = load_split(getattr(task.splits, s), task.labels)
+                data[task.name][s] = load_task_split(task, s)
             except DataError as err:
                 problems += err.problems
+    if problems:
+        raise DataError(problems)
+    try:
+        tok = load_tokenizer(cfg.model)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(study.source), [f"model.name_or_path: cannot load the tokenizer of "
+                                              f"{cfg.model.name_or_path!r} ({type(exc).__name__}); check the hub "
+                                              "id or path, and that the hub or the folder is reachable"]) from None
+    for task in cfg.tasks:
+        d, p = data[task.name], task.splits
+        for other in ("dev", "test"):
+            problems += leakage_problems(d["train"], d[other], p.train, getattr(p, other))
+        problems += data_problems(tok, {s: (getattr(p, s), d[s]) for s in SPLITS}, cfg.model.max_length,
+                                  cfg.model.name_or_path)
     if problems:
         raise DataError(problems)
     return data
@@ -168,6 +191,7 @@ def start_ray(study: Study) -> dict[str, float]:
 
 def _score_task(study: Study, task: TaskConfig, checkpoint: str | None, with_dev: bool) -> tuple[Scored, Scored | None, float]:
     from clinft_ray.evaluate import score_split
+    from clinft_ray.judge import judge_for
     from clinft_ray.modeling import device, load_model, load_tokenizer
     from clinft_ray.sweep import quiet_worker
 
@@ -177,8 +201,8 @@ def _score_task(study: Study, task: TaskConfig, checkpoint: str | None, with_dev
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, checkpoint).to(device())
     splits = ("test", "dev") if with_dev else ("test",)
-    scored = [score_split(model, tok, task, load_split(getattr(task.splits, s), task.labels), cfg.model.max_length)
-              for s in splits]
+    judge = judge_for(study)
+    scored = [score_split(model, tok, task, load_task_split(task, s), cfg.model.max_length, judge) for s in splits]
     return scored[0], scored[1] if with_dev else None, time.monotonic() - start
 
 
@@ -219,15 +243,18 @@ def log_stage(tracker: Tracker, stage: StageResult, test: Scored, metric: str) -
     }
 
 
-def compare(scored: dict[str, Scored], threshold: float) -> list[dict[str, Any]]:
-    """McNemar on paired correct/incorrect outcomes for base-SFT, SFT-DPO and base-DPO."""
+def compare(scored: dict[str, Scored], outcome_metrics: dict[str, str], threshold: float) -> list[dict[str, Any]]:
+    """For each outcome, base-SFT, SFT-DPO and base-DPO on the paired test examples: McNemar for
+    correct/incorrect outcomes, the paired t-test for scores."""
     out = []
-    for a, b in PAIRS:
-        if scored[a].ids != scored[b].ids:
-            raise RuntimeError(f"{a} and {b} were scored on different test examples; outcomes cannot be paired")
-        res = mcnemar(scored[a].correct, scored[b].correct)
-        out.append({"a": a, "b": b, "test": res.test, "statistic": res.statistic, "p_value": res.p_value,
-                    "significant": res.p_value < threshold})
+    for outcome, metric in outcome_metrics.items():
+        for a, b in PAIRS:
+            if scored[a].ids != scored[b].ids:
+                raise RuntimeError(f"{a} and {b} were scored on different test examples; outcomes cannot be paired")
+            xa, xb = scored[a].outcomes[outcome], scored[b].outcomes[outcome]
+            res = mcnemar(xa, xb) if all(isinstance(x, bool) for x in xa + xb) else paired_t(xa, xb)
+            out.append({"outcome": outcome, "metric": metric, "a": a, "b": b, "test": res.test,
+                        "statistic": res.statistic, "p_value": res.p_value, "significant": res.p_value < threshold})
     return out
 
 

@@ -19,7 +19,8 @@ def clinft(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 def _copy_demo(demo_dir: Path, dest: Path) -> Path:
-    shutil.copytree(demo_dir, dest, ignore=shutil.ignore_patterns("ray", "mlflow.db", "*.json", "*.md"))
+    outputs = {"ray", "mlflow.db", "mlartifacts", "results.json", "outcomes.jsonl", "report.md"}
+    shutil.copytree(demo_dir, dest, ignore=lambda folder, names: [n for n in names if n in outputs])
     return dest / "study.yaml"
 
 
@@ -56,7 +57,7 @@ def test_unknown_keys_all_reported_with_did_you_mean(demo_dir, tmp_path):
 
 def test_bad_data_rows_named_without_text(demo_dir, tmp_path):
     config = _copy_demo(demo_dir, tmp_path / "d")
-    dev = tmp_path / "d" / "data" / "dev.jsonl"
+    dev = tmp_path / "d" / "data" / "classification" / "dev.jsonl"
     rows = [json.loads(line) for line in dev.read_text().splitlines()]
     rows[3]["prompt"] += " " + CANARY
     rows[3]["rejected"] = rows[3]["chosen"]

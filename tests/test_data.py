@@ -5,9 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from clinft_ray.config import ClassificationTask
 from clinft_ray.data import DataError, Example, load_split
+from clinft_ray.tasks import gold_check
 
-LABELS = ["UTI", "pyuria"]
+SPLITS = {s: f"{s}.jsonl" for s in ("train", "eval", "dev", "test")}
+LABELS = gold_check(ClassificationTask(name="t", kind="classification", labels=["UTI", "pyuria"], splits=SPLITS))
 CANARY = "CANARY-PHI-7731"  # stands in for patient text; must never reach an error message
 GOOD = {"id": "a", "prompt": f"Urinalysis for {CANARY}", "chosen": "UTI", "rejected": "pyuria"}
 
@@ -18,7 +21,7 @@ def jsonl(tmp_path: Path, rows: list, name: str = "dev.jsonl") -> Path:
     return path
 
 
-def problems(path: Path, labels: list[str] | None = LABELS) -> list[str]:
+def problems(path: Path, labels=LABELS) -> list[str]:
     with pytest.raises(DataError) as err:
         load_split(path, labels)
     assert CANARY not in str(err.value)

@@ -2,15 +2,15 @@
 
 import pytest
 
-from clinft_ray.config import TaskConfig
+from clinft_ray.config import ClassificationTask
 from clinft_ray.tasks import NO_LABEL, classification_metrics, parse_label
 
 SPLITS = {s: f"data/{s}.jsonl" for s in ("train", "eval", "dev", "test")}
 URGENCY = ["urgent", "non-urgent"]
 
 
-def task(labels: list[str], positive_label: str | None = None) -> TaskConfig:
-    return TaskConfig(name="t", kind="classification", labels=labels, positive_label=positive_label, splits=SPLITS)
+def task(labels: list[str], positive_label: str | None = None) -> ClassificationTask:
+    return ClassificationTask(name="t", kind="classification", labels=labels, positive_label=positive_label, splits=SPLITS)
 
 
 @pytest.mark.parametrize(
