@@ -101,25 +101,23 @@ class Judge:
                 return grade
         raise JudgeError(f"judge model {self.cfg.model!r} replied without a grade twice; check its rubric")
 
-    def _many(self, prompts: list[list[dict[str, str]]], parse: Callable[[str], Any]) -> list[Any]:
+    def _grade(self, rubric: str, cases: list[dict[str, str]], parse: Callable[[str], Any]) -> list[Any]:
+        """One request per case (its sections under the rubric), `concurrency` at a time."""
+        prompts = [[{"role": "system", "content": rubric}, {"role": "user", "content": _sections(**c)}] for c in cases]
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
             return list(pool.map(lambda m: self._ask(m, parse), prompts))
 
     def grade_answers(self, questions: list[str], references: list[str], answers: list[str]) -> list[bool]:
         """Correct / incorrect for each answer against its reference."""
-        rubric = self.cfg.correctness_rubric or CORRECTNESS_RUBRIC
-        prompts = [[{"role": "system", "content": rubric},
-                    {"role": "user", "content": _sections(question=q, reference=r, candidate=a)}]
-                   for q, r, a in zip(questions, references, answers, strict=True)]
-        return self._many(prompts, parse_correct)
+        cases = [{"question": q, "reference": r, "candidate": a}
+                 for q, r, a in zip(questions, references, answers, strict=True)]
+        return self._grade(self.cfg.correctness_rubric or CORRECTNESS_RUBRIC, cases, parse_correct)
 
     def rate_summaries(self, sources: list[str], references: list[str], summaries: list[str]) -> list[int]:
         """A 1-5 Likert rating for each summary."""
-        rubric = self.cfg.summary_rubric or SUMMARY_RUBRIC
-        prompts = [[{"role": "system", "content": rubric},
-                    {"role": "user", "content": _sections(note=s, reference=r, candidate=c)}]
-                   for s, r, c in zip(sources, references, summaries, strict=True)]
-        return self._many(prompts, parse_likert)
+        cases = [{"note": s, "reference": r, "candidate": c}
+                 for s, r, c in zip(sources, references, summaries, strict=True)]
+        return self._grade(self.cfg.summary_rubric or SUMMARY_RUBRIC, cases, parse_likert)
 
 
 def judge_for(study: Any) -> Judge | None:

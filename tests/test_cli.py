@@ -70,3 +70,61 @@ def test_bad_data_rows_named_without_text(demo_dir, tmp_path):
     assert "dev.jsonl: row 4 (id dev-0003): 'chosen' equals 'rejected'" in res.stderr
     assert "dev.jsonl: row 8 (id dev-0007): 'chosen' is not one of the task's labels" in res.stderr
     assert "dev.jsonl: row 10: id 'dev-0008' repeats row 9" in res.stderr
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_leakage_and_overlong_prompts(demo_dir, tmp_path):
+    config = _copy_demo(demo_dir, tmp_path / "d")
+    data = tmp_path / "d" / "data" / "classification"
+    train, test = _rows(data / "train.jsonl"), _rows(data / "test.jsonl")
+    test[5]["prompt"] = train[2]["prompt"]  # a test case that is also a training case
+    _write(data / "test.jsonl", test)
+    res = clinft("validate", str(config))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "test.jsonl: id test-0005: the same prompt is in train.jsonl (id train-0002)" in res.stderr
+    res = clinft("validate", str(config), "--set", "model.max_length=30")
+    assert "train.jsonl: id train-0000: the prompt is" in res.stderr
+    assert "truncation at model.max_length 30 would remove the whole answer" in res.stderr
+    assert "Urinalysis" not in res.stderr  # never the text
+
+
+def test_chat_data_needs_a_chat_template(demo_dir, tmp_path):
+    config = _copy_demo(demo_dir, tmp_path / "d")
+    model = tmp_path / "d" / "model"
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for f in model.glob("chat_template.*"):
+        f.unlink()
+    dev = tmp_path / "d" / "data" / "classification" / "dev.jsonl"
+    rows = _rows(dev)
+    rows[0]["prompt"] = [{"role": "user", "content": rows[0]["prompt"]}]
+    _write(dev, rows)
+    res = clinft("validate", str(config))
+    assert res.returncode == 2
+    assert "dev.jsonl: prompts are chat messages but the model" in res.stderr and "has no chat template" in res.stderr
+
+
+def test_saved_dataset_folder_and_csv_splits(demo_dir, tmp_path):
+    import csv
+
+    from datasets import Dataset
+
+    config = _copy_demo(demo_dir, tmp_path / "d")
+    data = tmp_path / "d" / "data" / "classification"
+    Dataset.from_list(_rows(data / "dev.jsonl")).save_to_disk(str(tmp_path / "d" / "dev_saved"))
+    with (tmp_path / "d" / "test.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "prompt", "chosen", "rejected"])
+        w.writeheader()
+        w.writerows(_rows(data / "test.jsonl"))
+    res = clinft("validate", str(config), "--set", "tasks.0.splits.dev=dev_saved", "--set",
+                 "tasks.0.splits.test=test.csv")
+    assert res.returncode == 0, res.stderr
+    assert "dev 100 rows, test 200 rows" in res.stdout

@@ -78,3 +78,17 @@ def test_external_endpoint_needs_explicit_opt_in():
     for internal in ("http://127.0.0.1:8000/v1", "http://10.1.2.3/v1", "http://vllm:8000/v1",
                      "http://judge.hospital.internal/v1", "http://localhost:9/v1"):
         JudgeConfig(base_url=internal, model="m")
+
+
+def test_reasoning_graded_by_the_judge_when_no_options(server, tmp_path):
+    from clinft_ray.config import ReasoningTask
+    from clinft_ray.data import Example
+    from clinft_ray.tasks import reasoning_correct
+
+    _, url = server
+    task = ReasoningTask(name="r", kind="reasoning", grading="judge",
+                         splits={s: f"{s}.jsonl" for s in ("train", "eval", "dev", "test")})
+    examples = [Example("1", "q1", "Acute cystitis", "x"), Example("2", "q2", "B. Pneumonia", "x", {"A": "Flu", "B": "Pneumonia"})]
+    served = judge_server._Handler.requests_served
+    assert reasoning_correct(task, examples, ["acute cystitis", "A"], make_judge(url, tmp_path)) == [True, False]
+    assert judge_server._Handler.requests_served == served + 1  # the option row is graded by its letter

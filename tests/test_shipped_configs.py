@@ -12,7 +12,7 @@ from clinft_ray.config import StudyConfig
 from clinft_ray.spaces import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = sorted((ROOT / "examples").rglob("*.yaml")) + [ROOT / "clinft_ray" / "demo" / "study.yaml"]
+STUDIES = sorted((ROOT / "examples").rglob("*.yaml")) + sorted((ROOT / "clinft_ray" / "demo").glob("study*.yaml"))
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: str(p.relative_to(ROOT)))
