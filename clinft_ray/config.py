@@ -230,6 +230,13 @@ class StatsConfig(_Strict):
     )
 
 
+class CostConfig(_Strict):
+    """Prices that turn device-hours into `cost_usd` on every run (0: not priced)."""
+
+    gpu_hour_usd: float = Field(0.0, ge=0, description="price of one GPU for one hour, e.g. 2.5 for an A100")
+    cpu_hour_usd: float = Field(0.0, ge=0)
+
+
 class MlflowConfig(_Strict):
     tracking_uri: str | None = None
     experiment: str | None = None
@@ -250,6 +257,7 @@ class StudyConfig(_Strict):
     dpo: StageConfig
     resources: Resources = Resources()
     stats: StatsConfig = StatsConfig()
+    cost: CostConfig = CostConfig()
     mlflow: MlflowConfig = MlflowConfig()
     ray: RayConfig = RayConfig()
     judge: JudgeConfig | None = None

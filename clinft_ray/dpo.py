@@ -83,7 +83,7 @@ def run_dpo(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, res
     fixed = {"max_steps": space.max_steps, "eval_steps": space.eval_steps, "batch_size": space.batch_size,
              "seed": cfg.seed, "model": cfg.model.name_or_path, "finetune": cfg.model.finetune,
              "loss_type": space.loss_type, "init_from_step": sft.selected.step}
-    runs = TrialRuns(tracker, stage_run, resources, fixed_params=fixed, tags=tags)
+    runs = TrialRuns(tracker, stage_run, resources, cfg.cost, fixed_params=fixed, tags=tags)
     grid = run_sweep(
         tune.with_parameters(dpo_trial, study=study, task=task, init_from=sft.checkpoint),
         name=f"{task.name}-dpo",

@@ -1,93 +1,130 @@
-"""The study's outputs: `results.json`, `outcomes.jsonl` and `report.md`.
+"""The study's outputs: `results.json`, `outcomes.jsonl`, `report.md` and `report.html`.
 
-`outcomes.jsonl` holds one line per test example per stage (task, stage, example id, correct) and
-nothing else: no prompt, answer or generated text. `report.md` is the table to paste into a paper:
-per task, the test metric of base / SFT / DPO with the paired p-values, and the cost of each stage.
+`outcomes.jsonl` holds one line per test example per stage (task, stage, example id, and the
+example's outcomes: `correct`, `correct_<label set>` or `score`) and nothing else: no prompt, answer
+or generated text. `report.md` holds the tables to paste into a paper: per task and outcome, the test
+metric of base / SFT / DPO with the paired p-values, the selections, and the cost of each stage.
+`report.html` is the same with the figures, to open in a browser or attach.
 """
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 from typing import Any
 
 STAGES = ("base", "sft", "dpo")
+Table = tuple[list[str], list[list[str]]]
 
 
 def _p(c: dict[str, Any]) -> str:
     return f"{c['p_value']:.3g}{'*' if c['significant'] else ''}"
 
 
-def results_table(results: dict[str, Any]) -> str:
-    """Markdown: per task and outcome, the test metric per stage and the paired p-values
-    (* = below the Bonferroni threshold)."""
-    lines = [
-        "| task | metric | base | SFT | DPO | test | p base-SFT | p SFT-DPO | p base-DPO |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+def results_rows(results: dict[str, Any]) -> Table:
+    """Per task and outcome: the test metric per stage and the paired p-values (* = significant)."""
+    head = ["task", "metric", "base", "SFT", "DPO", "test", "p base-SFT", "p SFT-DPO", "p base-DPO"]
+    rows = []
     for name, t in results["tasks"].items():
         for outcome, m in t["outcomes"].items():
-            vals = " | ".join(f"{t['stages'][s]['test'][m]:.3f}" for s in STAGES)
             comps = [c for c in t["comparisons"] if c["outcome"] == outcome]
-            ps = " | ".join(_p(c) for c in comps)
-            lines.append(f"| {name} | {m} | {vals} | {comps[0]['test']} | {ps} |")
-    return "\n".join(lines)
+            family = "McNemar" if comps[0]["test"].startswith("mcnemar") else "paired t"
+            rows.append([name, m, *(f"{t['stages'][s]['test'][m]:.3f}" for s in STAGES), family,
+                         *(_p(c) for c in comps)])
+    return head, rows
 
 
-def metrics_table(results: dict[str, Any]) -> str:
-    """Markdown: every test metric of every stage (accuracy beside F1, ROUGE-L beside the judge)."""
-    lines = ["| task | stage | metrics on test |", "|---|---|---|"]
-    for name, t in results["tasks"].items():
-        for s in STAGES:
-            ms = ", ".join(f"{k} {v:.3f}" for k, v in t["stages"][s]["test"].items())
-            lines.append(f"| {name} | {s} | {ms} |")
-    return "\n".join(lines)
+def metrics_rows(results: dict[str, Any]) -> Table:
+    """Every test metric of every stage (accuracy beside F1, ROUGE-L beside the judge)."""
+    rows = [[name, s, ", ".join(f"{k} {v:.3f}" for k, v in t["stages"][s]["test"].items())]
+            for name, t in results["tasks"].items() for s in STAGES]
+    return ["task", "stage", "metrics on test"], rows
 
 
-def cost_table(results: dict[str, Any]) -> str:
-    """Markdown: trials, GPU-hours and CPU-hours per stage, and DPO's cost over SFT's."""
-    lines = ["| task | stage | trials | GPU-hours | CPU-hours |", "|---|---|---|---|---|"]
-    for name, t in results["tasks"].items():
-        for s in STAGES:
-            st = t["stages"][s]
-            lines.append(f"| {name} | {s} | {st['trials']} | {st['gpu_hours']:.4f} | {st['cpu_hours']:.4f} |")
-    ratios = [
-        f"- {name}: DPO/SFT cost = {t['dpo_sft_cost_ratio']:.2f}x ({t['cost_basis'].replace('_', '-')})"
-        for name, t in results["tasks"].items() if t["dpo_sft_cost_ratio"] is not None
-    ]
-    return "\n".join(lines + [""] + ratios)
-
-
-def selection_table(results: dict[str, Any]) -> str:
-    lines = ["| task | stage | selected | step | dev |", "|---|---|---|---|---|"]
+def selection_rows(results: dict[str, Any]) -> Table:
+    rows = []
     for name, t in results["tasks"].items():
         for s in ("sft", "dpo"):
             sel = t["stages"][s]["selected"]
             hp = ", ".join(f"{k}={sel[k]:g}" for k in ("learning_rate", "beta") if k in sel)
-            lines.append(f"| {name} | {s} | {hp} | {sel['step']} | {t['stages'][s]['dev'][t['metric']]:.3f} |")
-    return "\n".join(lines)
+            rows.append([name, s, hp, str(sel["step"]), f"{t['stages'][s]['dev'][t['metric']]:.3f}"])
+    return ["task", "stage", "selected", "step", "dev"], rows
+
+
+def cost_rows(results: dict[str, Any]) -> Table:
+    """Trials, device-hours and cost per stage."""
+    rows = [[name, s, str(st["trials"]), f"{st['gpu_hours']:.4f}", f"{st['cpu_hours']:.4f}", _usd(st["cost_usd"])]
+            for name, t in results["tasks"].items() for s, st in ((s, t["stages"][s]) for s in STAGES)]
+    return ["task", "stage", "trials", "GPU-hours", "CPU-hours", "cost (USD)"], rows
+
+
+def _usd(x: float) -> str:
+    return f"{x:.2f}" if x >= 1 or x == 0 else f"{x:.4f}"
+
+
+def cost_ratios(results: dict[str, Any]) -> list[str]:
+    return [f"{name}: DPO/SFT cost = {t['dpo_sft_cost_ratio']:.2f}x ({t['cost_basis'].replace('_', '-')})"
+            for name, t in results["tasks"].items() if t["dpo_sft_cost_ratio"] is not None]
+
+
+def markdown(table: Table) -> str:
+    head, rows = table
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def html_table(table: Table) -> str:
+    head, rows = table
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def results_table(results: dict[str, Any]) -> str:
+    return markdown(results_rows(results))
+
+
+def _caption(results: dict[str, Any]) -> str:
+    return (f"Paired tests on test outcomes (McNemar for correct/incorrect, paired t for scores); * marks "
+            f"p < {results['threshold']:.3g} (alpha {results['alpha']} / {results['comparisons_m']}, Bonferroni).")
 
 
 def render_report(results: dict[str, Any]) -> str:
     return "\n\n".join([
         f"# {results['study']}: base vs SFT vs DPO on test",
         results_table(results),
-        f"Paired tests on test outcomes (McNemar for correct/incorrect, paired t for scores); * marks "
-        f"p < {results['threshold']:.3g} (alpha {results['alpha']} / {results['comparisons_m']}, Bonferroni).",
-        metrics_table(results),
+        _caption(results),
+        markdown(metrics_rows(results)),
         "## Selected on dev",
-        selection_table(results),
+        markdown(selection_rows(results)),
         "## Cost",
-        cost_table(results),
+        markdown(cost_rows(results)),
+        "\n".join(f"- {r}" for r in cost_ratios(results)),
         "",
     ])
 
 
-def write_outputs(out_dir: Path, results: dict[str, Any], outcomes: list[dict[str, Any]]) -> list[Path]:
-    """Write the three files into `out_dir`; returns their paths."""
+def render_html(results: dict[str, Any], figures: list[str]) -> str:
+    """A self-contained page (figures referenced relative to the output directory)."""
+    imgs = "".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(Path(f).stem)}"></figure>' for f in figures)
+    ratios = "".join(f"<li>{html.escape(r)}</li>" for r in cost_ratios(results))
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(results['study'])}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(results['study'])}: base vs SFT vs DPO on test</h1>"
+            f"{html_table(results_rows(results))}<p>{html.escape(_caption(results))}</p>"
+            f"{html_table(metrics_rows(results))}<h2>Selected on dev</h2>{html_table(selection_rows(results))}"
+            f"<h2>Cost</h2>{html_table(cost_rows(results))}<ul>{ratios}</ul><h2>Figures</h2>{imgs}</body></html>")
+
+
+def write_outputs(out_dir: Path, results: dict[str, Any], outcomes: list[dict[str, Any]],
+                  figures: list[Path]) -> list[Path]:
+    """Write results.json, outcomes.jsonl, report.md and report.html into `out_dir`; returns their paths."""
     out = Path(out_dir)
-    paths = [out / "results.json", out / "outcomes.jsonl", out / "report.md"]
+    paths = [out / "results.json", out / "outcomes.jsonl", out / "report.md", out / "report.html"]
     paths[0].write_text(json.dumps(results, indent=2) + "\n")
     paths[1].write_text("".join(json.dumps(o) + "\n" for o in outcomes))
     paths[2].write_text(render_report(results))
+    paths[3].write_text(render_html(results, [f.relative_to(out).as_posix() for f in figures]))
     return paths

@@ -74,7 +74,7 @@ def run_sft(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, res
     stage_run = tracker.start("sft", parent=task_run, tags=tags)
     fixed = {"max_steps": space.max_steps, "eval_steps": space.eval_steps, "batch_size": space.batch_size,
              "seed": cfg.seed, "model": cfg.model.name_or_path, "finetune": cfg.model.finetune}
-    runs = TrialRuns(tracker, stage_run, resources, fixed_params=fixed, tags=tags)
+    runs = TrialRuns(tracker, stage_run, resources, cfg.cost, fixed_params=fixed, tags=tags)
     grid = run_sweep(
         tune.with_parameters(sft_trial, study=study, task=task),
         name=f"{task.name}-sft",

@@ -21,12 +21,13 @@ from clinft_ray.config import SPLITS, ConfigError, Study, TaskConfig
 from clinft_ray.data import DataError, Example, fingerprint, leakage_problems
 from clinft_ray.dpo import run_dpo
 from clinft_ray.evaluate import Scored
+from clinft_ray.figures import cost_bars, eval_curves, outcome_bars
 from clinft_ray.report import write_outputs
 from clinft_ray.sft import run_sft
 from clinft_ray.stats import bonferroni_threshold, mcnemar, paired_t
 from clinft_ray.tasks import load_task_split
 from clinft_ray.sweep import StageResult
-from clinft_ray.tracking import Tracker, default_tracking_uri, redact_uri, trial_hours
+from clinft_ray.tracking import Tracker, default_tracking_uri, device_hours, redact_uri
 
 log = logging.getLogger("clinft")
 PAIRS = (("base", "sft"), ("sft", "dpo"), ("base", "dpo"))
@@ -73,10 +74,14 @@ def run_study(study: Study) -> dict[str, Any]:
         for task in cfg.tasks:
             results["tasks"][task.name] = run_task(study, task, data[task.name], tracker, study_run, resources,
                                                    results["threshold"], outcomes)
-        totals = {k: sum(t[k] for t in results["tasks"].values()) for k in ("gpu_hours", "cpu_hours")}
+        totals = {k: sum(t[k] for t in results["tasks"].values()) for k in ("gpu_hours", "cpu_hours", "cost_usd")}
         tracker.metrics(study_run, totals)
-        for path in write_outputs(cfg.output_dir, results, outcomes):
+        figures = sorted((cfg.output_dir / "figures").glob("*.png"))
+        figures.append(cost_bars(results, cfg.output_dir / "figures" / "cost.png"))
+        for path in write_outputs(cfg.output_dir, results, outcomes, figures):
             tracker.artifact(study_run, path)
+        for path in figures:
+            tracker.artifact(study_run, path, "figures")
         status = "FINISHED"
         return results
     except KeyboardInterrupt:
@@ -126,9 +131,23 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
         "comparisons": compare(scored, task.outcome_metrics, threshold),
         **task_costs(stages),
     }
-    tracker.metrics(task_run, {k: v for k, v in result.items() if k.endswith(("_hours", "_ratio")) and v is not None})
+    tracker.metrics(task_run, {k: v for k, v in result.items()
+                               if k.endswith(("_hours", "_ratio", "cost_usd")) and v is not None})
+    for path in task_figures(study.config.output_dir / "figures", task.name, result, threshold, {"sft": sft, "dpo": dpo}):
+        tracker.artifact(task_run, path, "figures")
     tracker.end(task_run)
     return result
+
+
+def task_figures(folder: Path, name: str, result: dict[str, Any], threshold: float,
+                 sweeps: dict[str, StageResult]) -> list[Path]:
+    """The task's test bars with p-values and each sweep's eval-loss curves, as PNGs in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [outcome_bars(name, result, threshold, folder / f"{name}_test.png")]
+    for stage, sweep in sweeps.items():
+        paths.append(eval_curves(name, stage, sweep.curves, (sweep.selected_trial, sweep.selected.step),
+                                 folder / f"{name}_{stage}_eval_loss.png"))
+    return paths
 
 
 def check_data(study: Study) -> dict[str, dict[str, list[Example]]]:
@@ -213,7 +232,7 @@ def evaluate(study: Study, task: TaskConfig, checkpoint: str | None, resources: 
 
     remote = ray.remote(_score_task).options(num_cpus=resources["CPU"], num_gpus=resources["GPU"])
     test, dev, seconds = ray.get(remote.remote(study, task, checkpoint, with_dev))
-    return Evaluated(test=test, dev=dev, hours=trial_hours(resources, seconds))
+    return Evaluated(test=test, dev=dev, hours=device_hours(resources, seconds, study.config.cost))
 
 
 def log_base(tracker: Tracker, run: str, base: Evaluated) -> dict[str, Any]:
@@ -225,12 +244,13 @@ def log_base(tracker: Tracker, run: str, base: Evaluated) -> dict[str, Any]:
 
 def log_stage(tracker: Tracker, stage: StageResult, test: Scored, metric: str) -> dict[str, Any]:
     """Record a finished sweep on its stage run and return its `results.json` entry."""
-    selected = {**stage.hparams, "step": stage.selected.step, "trial": stage.selected.payload.path.rsplit("/", 1)[-1],
+    selected = {**stage.hparams, "step": stage.selected.step, "trial": stage.selected_trial,
                 "mlflow_run_id": stage.selected_run_id}
     tracker.params(stage.run_id, {f"selected.{k}": v for k, v in selected.items()})
     tracker.tag(stage.run_id, "clinft.selected_run_id", stage.selected_run_id)
     tracker.metrics(stage.run_id, {f"dev/{metric}": stage.selected.dev, **{f"test/{k}": v for k, v in test.metrics.items()},
-                                   "trials": stage.trials, "gpu_hours": stage.gpu_hours, "cpu_hours": stage.cpu_hours})
+                                   "trials": stage.trials, "gpu_hours": stage.gpu_hours, "cpu_hours": stage.cpu_hours,
+                                   "cost_usd": stage.cost_usd})
     tracker.end(stage.run_id)
     return {
         "selected": selected,
@@ -239,6 +259,7 @@ def log_stage(tracker: Tracker, stage: StageResult, test: Scored, metric: str) -
         "trials": stage.trials,
         "gpu_hours": stage.gpu_hours,
         "cpu_hours": stage.cpu_hours,
+        "cost_usd": stage.cost_usd,
         "checkpoint": stage.checkpoint,
     }
 
@@ -261,7 +282,7 @@ def compare(scored: dict[str, Scored], outcome_metrics: dict[str, str], threshol
 def task_costs(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Device-hours per stage and in all, and DPO's cost over SFT's (GPU-hours, or CPU-hours without GPUs)."""
     costs: dict[str, Any] = {}
-    for unit in ("gpu_hours", "cpu_hours"):
+    for unit in ("gpu_hours", "cpu_hours", "cost_usd"):
         costs[unit] = sum(s[unit] for s in stages.values())
         for name in ("sft", "dpo"):
             costs[f"{name}_{unit}"] = stages[name][unit]

@@ -205,11 +205,20 @@ class StageResult:
     trials: int
     gpu_hours: float
     cpu_hours: float
+    cost_usd: float
+    curves: dict[str, list[tuple[int, float]]]  # trial name -> (step, eval loss) points
+    selected_trial: str
 
 
 def summarize(stage: str, stage_run: str, grid: Any, runs: Any, metric: str) -> StageResult:
     """Select the best candidate of a finished sweep and total the stage's device-hours."""
     best = select_best(candidates(grid, metric))
+    curves = {}
+    for result in grid:
+        df = result.metrics_dataframe
+        if df is not None and "eval/loss" in df:
+            rows = df.dropna(subset=["eval/loss"])
+            curves[Path(result.path).name] = list(zip(rows["step"].astype(int), rows["eval/loss"].astype(float)))
     return StageResult(
         stage=stage,
         run_id=stage_run,
@@ -220,4 +229,7 @@ def summarize(stage: str, stage_run: str, grid: Any, runs: Any, metric: str) -> 
         trials=len(grid),
         gpu_hours=sum(h["gpu_hours"] for h in runs.hours.values()),
         cpu_hours=sum(h["cpu_hours"] for h in runs.hours.values()),
+        cost_usd=sum(h["cost_usd"] for h in runs.hours.values()),
+        curves=curves,
+        selected_trial=Path(best.payload.path).name,
     )

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
+
+from clinft_ray.config import CostConfig
 
 METRIC_PREFIXES = ("train/", "eval/", "dev/", "rewards/")
 
@@ -88,16 +91,16 @@ class Tracker:
         for run_id in reversed(list(self.open)):
             self.end(run_id, status)
 
-    def artifact(self, run_id: str, path: Path) -> None:
-        self.client.log_artifact(run_id, str(path))
+    def artifact(self, run_id: str, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path=folder)
 
 
-def trial_hours(resources: dict[str, float], seconds: float) -> dict[str, float]:
-    """Device-hours of a trial: devices allocated x wall time. 2 GPUs for 90 min -> 3.0 gpu_hours."""
-    return {
-        "gpu_hours": resources.get("GPU", 0.0) * seconds / 3600.0,
-        "cpu_hours": resources.get("CPU", 0.0) * seconds / 3600.0,
-    }
+def device_hours(resources: dict[str, float], seconds: float, prices: CostConfig) -> dict[str, float]:
+    """Device-hours of a piece of work: devices allocated x wall time, and their price.
+    2 GPUs + 8 CPUs for 90 min at $2.50 per GPU-hour -> 3.0 gpu_hours, 12.0 cpu_hours, $7.50."""
+    gpu = resources.get("GPU", 0.0) * seconds / 3600.0
+    cpu = resources.get("CPU", 0.0) * seconds / 3600.0
+    return {"gpu_hours": gpu, "cpu_hours": cpu, "cost_usd": gpu * prices.gpu_hour_usd + cpu * prices.cpu_hour_usd}
 
 
 class TrialRuns(Callback):
@@ -105,20 +108,23 @@ class TrialRuns(Callback):
 
     `fixed_params` (schedule, seed, model) are logged on every trial beside its swept config;
     `tags` (task, stage, init_from) likewise. `run_ids` maps Tune trial ids to MLflow run ids and
-    `hours` to each trial's GPU/CPU-hours once it has ended.
+    `hours` to each trial's GPU/CPU-hours and cost once it has ended.
     """
 
-    def __init__(self, tracker: Tracker, stage_run: str, resources: dict[str, float],
+    def __init__(self, tracker: Tracker, stage_run: str, resources: dict[str, float], prices: CostConfig,
                  fixed_params: dict[str, Any], tags: dict[str, str]):
         self.tracker = tracker
         self.stage_run = stage_run
         self.resources = resources
+        self.prices = prices
+        self.started: dict[str, float] = {}  # trial id -> when its resources were granted (monotonic)
         self.fixed_params = fixed_params
         self.tags = tags
         self.run_ids: dict[str, str] = {}
         self.hours: dict[str, dict[str, float]] = {}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.started.setdefault(trial.trial_id, time.monotonic())
         if trial.trial_id in self.run_ids:
             return
         run = self.tracker.start(str(trial), parent=self.stage_run, tags={**self.tags, "clinft.trial": str(trial)})
@@ -136,8 +142,10 @@ class TrialRuns(Callback):
         run = self.run_ids.get(trial.trial_id)
         if run is None:
             return
-        seconds = float((trial.last_result or {}).get("time_total_s", 0.0))
-        self.hours[trial.trial_id] = trial_hours(self.resources, seconds)
+        # Wall time from the grant of the trial's resources to its end, failed attempts included:
+        # the devices were held all that time, whatever the trial reported.
+        seconds = time.monotonic() - self.started.get(trial.trial_id, time.monotonic())
+        self.hours[trial.trial_id] = device_hours(self.resources, seconds, self.prices)
         self.tracker.metrics(run, {**self.hours[trial.trial_id], "wall_s": seconds})
         self.tracker.end(run, status)
 
