@@ -16,6 +16,7 @@ from pathlib import Path
 
 from clinft_ray.config import ConfigError, load_study
 from clinft_ray.data import DataError
+from clinft_ray.sweep import StudyError
 
 log = logging.getLogger("clinft")
 
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(err).splitlines():
             print(f"clinft: error: {line}", file=sys.stderr)
         return 2
+    except StudyError as err:
+        print(f"clinft: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("clinft: interrupted", file=sys.stderr)
         return 130

@@ -93,4 +93,4 @@ def run_dpo(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, res
         callbacks=[runs],
         metric=task.metric,
     )
-    return summarize("dpo", stage_run, grid, runs, task.metric)
+    return summarize("dpo", stage_run, grid, runs, task.metric, task.name)

@@ -84,4 +84,4 @@ def run_sft(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, res
         callbacks=[runs],
         metric=task.metric,
     )
-    return summarize("sft", stage_run, grid, runs, task.metric)
+    return summarize("sft", stage_run, grid, runs, task.metric, task.name)

@@ -192,6 +192,9 @@ def start_ray(study: Study) -> dict[str, float]:
     cfg = study.config
     # Tune warns when trials checkpoint often; scoring dev per eval interval is the design here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # A failed trial's traceback goes to its error.txt in the output directory, not to the console:
+    # an exception message could quote a row. The study's own error says where to look.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False,
                  logging_level=logging.WARNING)

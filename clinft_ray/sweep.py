@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from clinft_ray.evaluate import Scored
 from clinft_ray.selection import Candidate, select_best
 from clinft_ray.spaces import SearchSpace
+from clinft_ray.tracking import error_kind
 
 
 def quiet_libraries() -> None:
@@ -210,9 +211,18 @@ class StageResult:
     selected_trial: str
 
 
-def summarize(stage: str, stage_run: str, grid: Any, runs: Any, metric: str) -> StageResult:
+class StudyError(RuntimeError):
+    """The study cannot go on (every trial of a sweep failed, ...); the message says where to look."""
+
+
+def summarize(stage: str, stage_run: str, grid: Any, runs: Any, metric: str, task: str) -> StageResult:
     """Select the best candidate of a finished sweep and total the stage's device-hours."""
-    best = select_best(candidates(grid, metric))
+    found = candidates(grid, metric)
+    if not found:
+        kinds = sorted({error_kind(r.error) for r in grid if r.error is not None}) or ["no error recorded"]
+        raise StudyError(f"every {stage} trial of task {task} failed before its first eval ({', '.join(kinds)}); "
+                         f"the tracebacks are in {grid.experiment_path}/*/error.txt")
+    best = select_best(found)
     curves = {}
     for result in grid:
         df = result.metrics_dataframe

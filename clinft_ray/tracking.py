@@ -36,6 +36,26 @@ def redact_uri(uri: str) -> str:
     return re.sub(r"//[^/@]*@", "//", uri)
 
 
+def error_kind(error: BaseException | None) -> str:
+    """The name of what went wrong, never its message (a message could quote data): Ray's wrapped
+    task errors are unwrapped to the exception the trial raised."""
+    if error is None:
+        return "unknown"
+    return type(getattr(error, "cause", None) or error).__name__
+
+
+def _trial_error(trial: Any) -> BaseException | None:
+    """The exception a failed trial raised. Tune pickles it next to the trial's driver-side files
+    before calling `on_trial_error`; the copy in storage only appears after the next sync."""
+    path = Path(getattr(trial, "pickled_error_file", "") or "")
+    if path.is_file():
+        import cloudpickle
+
+        with path.open("rb") as f:
+            return cloudpickle.load(f)
+    return trial.get_pickled_error()
+
+
 def default_tracking_uri(output_dir: Path) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
@@ -157,6 +177,5 @@ class TrialRuns(Callback):
         if run is not None:
             # The exception's type only: a message could quote data. The full traceback stays in
             # Tune's error file inside the output directory.
-            error = trial.get_pickled_error()
-            self.tracker.tag(run, "clinft.failure", type(error).__name__ if error else "unknown")
+            self.tracker.tag(run, "clinft.failure", error_kind(_trial_error(trial)))
         self._finish(trial, "FAILED")

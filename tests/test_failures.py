@@ -1,0 +1,55 @@
+"""A study whose every SFT trial fails: trial runs FAILED with the reason as a tag, no MLflow run left
+RUNNING, and a one-line error from `clinft run` (exit 1) that names the stage and where the
+tracebacks are."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from clinft_ray.config import load_study
+from clinft_ray.study import run_study
+from clinft_ray.sweep import StudyError
+
+pytestmark = pytest.mark.slow
+
+SFT = {"stage": "sft", "learning_rate": {"grid": [1.0e-3, 1.0e-4]}, "max_steps": 4, "eval_steps": 2, "batch_size": 8}
+BROKEN = ["model.finetune=lora", "model.lora.target_modules=[no_such_module]", "sft.space=sft.yaml"]
+
+
+@pytest.fixture()
+def broken_study(demo_dir, tmp_path):
+    for sub in ("data", "model", "tune_spaces"):
+        shutil.copytree(demo_dir / sub, tmp_path / sub)
+    shutil.copyfile(demo_dir / "study.yaml", tmp_path / "study.yaml")
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(SFT))
+    return tmp_path / "study.yaml"
+
+
+def test_failed_trials_are_recorded_and_nothing_is_left_running(broken_study, ray_session):
+    study = load_study(broken_study, BROKEN)
+    with pytest.raises(StudyError, match=r"every sft trial of task uti failed .*NoMatchingPeftModuleError"):
+        run_study(study)
+    client = MlflowClient(f"sqlite:///{study.config.output_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("uti-demo").experiment_id])
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+    trials = [r for r in runs if "clinft.trial" in r.data.tags]
+    assert len(trials) == 2
+    assert all(r.info.status == "FAILED" and r.data.tags["clinft.failure"] == "NoMatchingPeftModuleError" for r in trials)
+    assert all(r.data.metrics["cpu_hours"] > 0 for r in trials)  # a failed attempt's time still counts
+    status = {r.data.tags.get("clinft.stage", r.data.tags.get("clinft.kind", "task")): r.info.status for r in runs
+              if "clinft.trial" not in r.data.tags}
+    assert status == {"study": "FAILED", "task": "FAILED", "sft": "FAILED", "base": "FINISHED"}
+
+
+def test_cli_reports_the_failure_in_one_line(broken_study):
+    res = subprocess.run([sys.executable, "-m", "clinft_ray.cli", "run", str(broken_study), *sum(
+        (["--set", s] for s in [*BROKEN, "ray.num_cpus=2"]), [])], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1
+    errors = [line for line in res.stderr.splitlines() if line.startswith("clinft: error:")]
+    assert len(errors) == 1 and "every sft trial of task uti failed" in errors[0] and "Traceback" not in res.stderr
