@@ -240,6 +240,7 @@ class CostConfig(_Strict):
 class MlflowConfig(_Strict):
     tracking_uri: str | None = None
     experiment: str | None = None
+    log_examples: int = Field(0, ge=0, description="opt in: log the first N test answers per stage (may be PHI)")
 
 
 class RayConfig(_Strict):

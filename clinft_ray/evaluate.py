@@ -39,6 +39,7 @@ class Scored:
     metrics: dict[str, float]
     ids: list[str]
     outcomes: dict[str, list[Any]]
+    answers: list[str]  # the model's answers: in memory only, logged only with mlflow.log_examples
 
 
 def render(tokenizer: Any, prompt: Any, answer: str | None = None) -> tuple[str, str | None]:
@@ -123,14 +124,14 @@ def score_split(model: Any, tokenizer: Any, task: TaskConfig, examples: list[Exa
     was_training = model.training
     model.eval()
     try:
-        metrics, outcomes = _score(model, tokenizer, task, examples, max_length, judge)
+        metrics, outcomes, answers = _score(model, tokenizer, task, examples, max_length, judge)
     finally:
         model.train(was_training)
-    return Scored(metrics=metrics, ids=[e.id for e in examples], outcomes=outcomes)
+    return Scored(metrics=metrics, ids=[e.id for e in examples], outcomes=outcomes, answers=answers)
 
 
 def _score(model: Any, tok: Any, task: TaskConfig, examples: list[Example], max_length: int,
-           judge: Any) -> tuple[dict[str, float], dict[str, list[Any]]]:
+           judge: Any) -> tuple[dict[str, float], dict[str, list[Any]], list[str]]:
     def answers_by(candidates: list[str]) -> list[int]:
         return loglik_choose(model, tok, examples, candidates, max_length)
 
@@ -138,27 +139,26 @@ def _score(model: Any, tok: Any, task: TaskConfig, examples: list[Example], max_
         return generate(model, tok, examples, task.max_new_tokens, max_length)
 
     if isinstance(task, ClassificationTask):
-        if task.scoring == "loglik":
-            preds = [task.labels[k] for k in answers_by(task.labels)]
-        else:
-            preds = [parse_label(t, task.labels) for t in texts()]
+        said = [task.labels[k] for k in answers_by(task.labels)] if task.scoring == "loglik" else texts()
+        preds = [parse_label(t, task.labels) for t in said]
         gold = [e.chosen for e in examples]
-        return classification_metrics(task, gold, preds), {"correct": [g == p for g, p in zip(gold, preds)]}
+        return (classification_metrics(task, gold, preds), {"correct": [g == p for g, p in zip(gold, preds)]}, said)
     if isinstance(task, TriageTask):
         if task.scoring == "loglik":
-            combos = triage_answers(task)
-            preds = [combos[k] for k in answers_by([task.template.format(**c) for c in combos])]
+            candidates = [task.template.format(**c) for c in triage_answers(task)]
+            said = [candidates[k] for k in answers_by(candidates)]
         else:
-            preds = [parse_triage(t, task) for t in texts()]
-        return triage_scores(task, examples, preds)
+            said = texts()
+        return (*triage_scores(task, examples, [parse_triage(t, task) for t in said]), said)
     if isinstance(task, ReasoningTask):
-        correct = reasoning_correct(task, examples, texts(), judge)
-        return {"accuracy": sum(correct) / len(correct)}, {"correct": correct}
-    summaries = texts()
-    ratings = judge.rate_summaries([prompt_text(e.prompt) for e in examples], [e.chosen for e in examples], summaries)
-    rouge = [rouge_l(s, e.chosen) for s, e in zip(summaries, examples, strict=True)]
+        said = texts()
+        correct = reasoning_correct(task, examples, said, judge)
+        return {"accuracy": sum(correct) / len(correct)}, {"correct": correct}, said
+    said = texts()
+    ratings = judge.rate_summaries([prompt_text(e.prompt) for e in examples], [e.chosen for e in examples], said)
+    rouge = [rouge_l(s, e.chosen) for s, e in zip(said, examples, strict=True)]
     return ({"judge": sum(ratings) / len(ratings), "rougeL": sum(rouge) / len(rouge)},
-            {"score": [float(r) for r in ratings]})
+            {"score": [float(r) for r in ratings]}, said)
 
 
 def data_problems(tokenizer: Any, splits: dict[str, tuple[Any, list[Example]]], max_length: int,

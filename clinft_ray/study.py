@@ -10,6 +10,7 @@ go to MLflow through `tracking.Tracker`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -57,6 +58,9 @@ def run_study(study: Study) -> dict[str, Any]:
     study_run = tracker.start(cfg.study, tags={"clinft.kind": "study"})
     tracker.params(study_run, {"model": cfg.model.name_or_path, "finetune": cfg.model.finetune, "seed": cfg.seed,
                                "tasks": ",".join(t.name for t in cfg.tasks), "alpha": cfg.stats.alpha})
+    if cfg.mlflow.log_examples:
+        log.warning("mlflow.log_examples is %d: test answers of every stage go to MLflow and %s; they may "
+                    "contain patient text", cfg.mlflow.log_examples, cfg.output_dir / "examples")
     status = "FAILED"
     try:
         # The paper's m: one per outcome compared (a triage task counts once per label set).
@@ -102,6 +106,7 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
     log.info("[%s] base model on test", task.name)
     base_run = tracker.start("base", parent=task_run, tags={"clinft.task": task.name, "clinft.stage": "base"})
     base = evaluate(study, task, None, resources, with_dev=True)
+    log_examples(study, tracker, base_run, task.name, "base", base.test, data["test"])
     stages = {"base": log_base(tracker, base_run, base)}
     scored = {"base": base.test}
 
@@ -110,6 +115,7 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
     log.info("[%s] SFT selected %s at step %d (dev %s %.3f)", task.name, _hp(sft.hparams), sft.selected.step,
              task.metric, sft.selected.dev)
     scored["sft"] = evaluate(study, task, sft.checkpoint, resources).test
+    log_examples(study, tracker, sft.run_id, task.name, "sft", scored["sft"], data["test"])
     stages["sft"] = log_stage(tracker, sft, scored["sft"], task.metric)
 
     log.info("[%s] DPO sweep from the selected SFT checkpoint: %d trials", task.name, study.dpo_space.num_trials())
@@ -117,6 +123,7 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
     log.info("[%s] DPO selected %s at step %d (dev %s %.3f)", task.name, _hp(dpo.hparams), dpo.selected.step,
              task.metric, dpo.selected.dev)
     scored["dpo"] = evaluate(study, task, dpo.checkpoint, resources).test
+    log_examples(study, tracker, dpo.run_id, task.name, "dpo", scored["dpo"], data["test"])
     stages["dpo"] = log_stage(tracker, dpo, scored["dpo"], task.metric)
 
     for stage, sc in scored.items():
@@ -236,6 +243,21 @@ def evaluate(study: Study, task: TaskConfig, checkpoint: str | None, resources: 
     remote = ray.remote(_score_task).options(num_cpus=resources["CPU"], num_gpus=resources["GPU"])
     test, dev, seconds = ray.get(remote.remote(study, task, checkpoint, with_dev))
     return Evaluated(test=test, dev=dev, hours=device_hours(resources, seconds, study.config.cost))
+
+
+def log_examples(study: Study, tracker: Tracker, run: str, task: str, stage: str, scored: Scored,
+                 examples: list[Example]) -> None:
+    """Only with `mlflow.log_examples: N` (an explicit opt-in; off by default): the first N test
+    answers of a stage, with their ids and gold answers, as an artifact. They may be patient text."""
+    n = study.config.mlflow.log_examples
+    if not n:
+        return
+    gold = {e.id: e.chosen for e in examples}
+    path = study.config.output_dir / "examples" / f"{task}_{stage}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": i, "gold": gold[i], "answer": a} for i, a in zip(scored.ids[:n], scored.answers[:n])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tracker.artifact(run, path, "examples")
 
 
 def log_base(tracker: Tracker, run: str, base: Evaluated) -> dict[str, Any]:

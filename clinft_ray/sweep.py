@@ -13,6 +13,8 @@ import logging
 import math
 import os
 import tempfile
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +78,51 @@ def _namespaced(logs: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+class GpuStats:
+    """Peak memory and mean utilization of a trial's GPUs between two reads (NVIDIA only): peak
+    memory from torch, utilization sampled every `every_s` by nvidia-ml-py when it is installed
+    (`pip install 'clinft-ray[gpu]'`). Empty on a machine without a GPU."""
+
+    def __init__(self, every_s: float = 2.0):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self.samples: list[float] = []
+        self.handles: list[Any] = []
+        if not self.cuda:
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")  # Ray sets it to the trial's GPUs
+            ids = [int(x) for x in visible.split(",") if x.strip().isdigit()] or range(pynvml.nvmlDeviceGetCount())
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in ids]
+        except Exception:  # no nvidia-ml-py or no NVML: peak memory only
+            self.handles = []
+        if self.handles:
+            threading.Thread(target=self._sample, args=(every_s,), daemon=True).start()
+
+    def _sample(self, every_s: float) -> None:
+        import pynvml
+
+        while True:
+            time.sleep(every_s)
+            rates = [pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles]
+            self.samples.append(sum(rates) / len(rates))
+
+    def read(self) -> dict[str, float]:
+        if not self.cuda:
+            return {}
+        import torch
+
+        out = {"system/gpu_peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
+        samples, self.samples = self.samples, []
+        if samples:
+            out["system/gpu_utilization_pct"] = sum(samples) / len(samples)
+        return out
+
+
 class DevReport(TrainerCallback):
     """Score dev at each evaluation, report to Tune, checkpoint on improvement.
 
@@ -87,6 +134,7 @@ class DevReport(TrainerCallback):
         self.score, self.save, self.metric = score, save, metric
         self.best = -math.inf
         self.last_train: dict[str, float] = {}
+        self.gpu = GpuStats()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -95,7 +143,7 @@ class DevReport(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         from ray import tune
 
-        row = {**self.last_train, **_namespaced(metrics or {}), "step": state.global_step}
+        row = {**self.last_train, **_namespaced(metrics or {}), **self.gpu.read(), "step": state.global_step}
         if not math.isfinite(row.get("eval/loss", 0.0)):
             control.should_training_stop = True
             tune.report({**row, "stopped": "non-finite eval loss"})

@@ -28,7 +28,7 @@ from ray.tune import Callback
 
 from clinft_ray.config import CostConfig
 
-METRIC_PREFIXES = ("train/", "eval/", "dev/", "rewards/")
+METRIC_PREFIXES = ("train/", "eval/", "dev/", "rewards/", "logps/", "system/")
 
 
 def redact_uri(uri: str) -> str:

@@ -3,6 +3,7 @@ adapter (reference = adapter disabled), and checkpoints that load back as one me
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def lora_run(demo_dir, tmp_path_factory, ray_session):
     (out / "dpo.yaml").write_text(yaml.safe_dump(DPO_SPACE))
     shutil.copyfile(demo_dir / "study.yaml", out / "study.yaml")
     study = load_study(out / "study.yaml", ["study=uti-lora", "model.finetune=lora", "model.lora.r=8",
-                                            "sft.space=sft.yaml", "dpo.space=dpo.yaml"])
+                                            "sft.space=sft.yaml", "dpo.space=dpo.yaml", "mlflow.log_examples=3"])
     return study, run_study(study)
 
 
@@ -63,3 +64,12 @@ def test_lora_results_have_scores_and_costs(lora_run):
         assert t["stages"][stage]["cpu_hours"] > 0
     assert [(c["a"], c["b"]) for c in t["comparisons"]] == [("base", "sft"), ("sft", "dpo"), ("base", "dpo")]
     assert t["dpo_sft_cost_ratio"] > 0
+
+
+def test_example_answers_logged_only_when_opted_in(lora_run):
+    study, results = lora_run
+    for stage in ("base", "sft", "dpo"):
+        rows = [json.loads(line) for line in (study.config.output_dir / "examples" / f"uti_{stage}.jsonl")
+                .read_text().splitlines()]
+        assert len(rows) == 3 and set(rows[0]) == {"id", "gold", "answer"}
+        assert rows[0]["answer"] in ("UTI", "pyuria")

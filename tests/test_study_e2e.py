@@ -149,3 +149,4 @@ def test_artifacts_stay_in_the_output_dir(demo):
     location = client.get_experiment(results["mlflow"]["experiment_id"]).artifact_location
     assert location == (out / "mlartifacts").resolve().as_uri()
     assert (out / "mlartifacts").is_dir()
+    assert not (out / "examples").exists()  # no answers are logged unless mlflow.log_examples opts in

@@ -4,18 +4,15 @@ Shaped like the paper's simple classification task: a short clinical passage tha
 urinary tract infection (pyuria AND lower urinary tract symptoms) or pyuria only, and the answer `UTI`
 or `pyuria`. Every case is made up from templates by this script: there is no patient data here.
 
-    python -m clinft_ray.demo.make_uti_data OUT_DIR [--seed 0]
+    python -m clinft_ray.demo.make_task_data OUT_DIR --kinds classification [--seed 0]
 
-writes `train.jsonl`, `eval.jsonl`, `dev.jsonl` and `test.jsonl` (the paper's 300/200/100/200 rows by
-default) with the columns `id`, `prompt`, `chosen`, `rejected`.
+writes `train.jsonl`, `eval.jsonl`, `dev.jsonl` and `test.jsonl` (the paper's 300/200/100/200 rows)
+with the columns `id`, `prompt`, `chosen`, `rejected` (see `make_task_data.py` for the other kinds).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
-from pathlib import Path
 
 QUESTION = (
     "Does this passage describe a urinary tract infection (pyuria with lower urinary tract "
@@ -92,32 +89,3 @@ def make_rows(rng: random.Random, split: str, n: int) -> list[dict[str, str]]:
         prompt = f"{QUESTION}\n\n{make_case(rng, label)}"
         rows.append({"id": f"{split}-{i:04d}", "prompt": prompt, "chosen": label, "rejected": other})
     return rows
-
-
-def write_splits(out_dir: str | Path, seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, Path]:
-    """Write the four splits as JSONL into `out_dir`; returns split name -> path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    paths = {}
-    for split, n in (sizes or SPLIT_SIZES).items():
-        path = out / f"{split}.jsonl"
-        with path.open("w", encoding="utf-8") as f:
-            for row in make_rows(rng, split, n):
-                f.write(json.dumps(row) + "\n")
-        paths[split] = path
-    return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for split, path in write_splits(args.out_dir, args.seed).items():
-        print(f"{split}: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
