@@ -14,8 +14,6 @@ from pathlib import Path
 import yaml
 
 from clinft_ray.config import ConfigError
-from clinft_ray.demo.make_task_data import KINDS, write_task
-from clinft_ray.demo.tiny import build_tiny_model
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,6 +33,10 @@ def prepare_demo(out_dir: str | Path, tasks: str = "classification", seed: int =
     classification, triage, reasoning, summarization. Data for every kind is written, so the tiny
     model's tokenizer knows all of them and the folder serves any later choice.
     """
+    # Imported here so that `python -m clinft_ray.demo.make_task_data` runs the module only once.
+    from clinft_ray.demo.make_task_data import KINDS, write_task
+    from clinft_ray.demo.tiny import build_tiny_model
+
     kinds = list(KINDS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
