@@ -142,7 +142,7 @@ def _score(model: Any, tok: Any, task: TaskConfig, examples: list[Example], max_
         said = [task.labels[k] for k in answers_by(task.labels)] if task.scoring == "loglik" else texts()
         preds = [parse_label(t, task.labels) for t in said]
         gold = [e.chosen for e in examples]
-        return (classification_metrics(task, gold, preds), {"correct": [g == p for g, p in zip(gold, preds)]}, said)
+        return (classification_metrics(task, gold, preds), {"correct": [g == p for g, p in zip(gold, preds, strict=True)]}, said)
     if isinstance(task, TriageTask):
         if task.scoring == "loglik":
             candidates = [task.template.format(**c) for c in triage_answers(task)]

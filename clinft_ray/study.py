@@ -26,8 +26,8 @@ from clinft_ray.figures import cost_bars, eval_curves, outcome_bars
 from clinft_ray.report import write_outputs
 from clinft_ray.sft import run_sft
 from clinft_ray.stats import bonferroni_threshold, mcnemar, paired_t
-from clinft_ray.tasks import load_task_split
 from clinft_ray.sweep import StageResult
+from clinft_ray.tasks import load_task_split
 from clinft_ray.tracking import Tracker, default_tracking_uri, device_hours, redact_uri
 
 log = logging.getLogger("clinft")
@@ -255,7 +255,7 @@ def log_examples(study: Study, tracker: Tracker, run: str, task: str, stage: str
     gold = {e.id: e.chosen for e in examples}
     path = study.config.output_dir / "examples" / f"{task}_{stage}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"id": i, "gold": gold[i], "answer": a} for i, a in zip(scored.ids[:n], scored.answers[:n])]
+    rows = [{"id": i, "gold": gold[i], "answer": a} for i, a in zip(scored.ids[:n], scored.answers[:n], strict=True)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tracker.artifact(run, path, "examples")
 

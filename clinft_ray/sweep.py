@@ -276,7 +276,7 @@ def summarize(stage: str, stage_run: str, grid: Any, runs: Any, metric: str, tas
         df = result.metrics_dataframe
         if df is not None and "eval/loss" in df:
             rows = df.dropna(subset=["eval/loss"])
-            curves[Path(result.path).name] = list(zip(rows["step"].astype(int), rows["eval/loss"].astype(float)))
+            curves[Path(result.path).name] = list(zip(rows["step"].astype(int), rows["eval/loss"].astype(float), strict=True))
     return StageResult(
         stage=stage,
         run_id=stage_run,
