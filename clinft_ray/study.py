@@ -202,6 +202,10 @@ def start_ray(study: Study) -> dict[str, float]:
     # A failed trial's traceback goes to its error.txt in the output directory, not to the console:
     # an exception message could quote a row. The study's own error says where to look.
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    # Tune's own Ctrl-C handler stops the sweep and returns as if it had finished, and the study would
+    # then select from half-run trials. Without it, Ctrl-C raises KeyboardInterrupt out of fit(): the
+    # study marks its runs KILLED and stops (Tune's experiment state stays on disk).
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False,
                  logging_level=logging.WARNING)

@@ -53,3 +53,32 @@ def test_cli_reports_the_failure_in_one_line(broken_study):
     assert res.returncode == 1
     errors = [line for line in res.stderr.splitlines() if line.startswith("clinft: error:")]
     assert len(errors) == 1 and "every sft trial of task uti failed" in errors[0] and "Traceback" not in res.stderr
+
+
+def test_ctrl_c_stops_the_study_and_marks_runs_killed(demo_dir, tmp_path):
+    """SIGINT while the SFT sweep runs: exit 130, no selection from a half-run sweep, no results.json,
+    and every MLflow run ended (the interrupted trials and the stages above them KILLED)."""
+    import signal
+    import time
+
+    for sub in ("data", "model", "tune_spaces"):
+        shutil.copytree(demo_dir / sub, tmp_path / sub)
+    shutil.copyfile(demo_dir / "study.yaml", tmp_path / "study.yaml")
+    slow = {**SFT, "learning_rate": {"grid": [1.0e-3, 1.0e-4]}, "max_steps": 400, "eval_steps": 5}
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(slow))
+    proc = subprocess.Popen([sys.executable, "-m", "clinft_ray.cli", "run", str(tmp_path / "study.yaml"),
+                             "--set", "sft.space=sft.yaml", "--set", "ray.num_cpus=2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "ray" / "uti-sft").glob("*/checkpoint_*")) and time.monotonic() < deadline:
+        time.sleep(1)  # wait until the trials have reported at least once
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-2000:]
+    assert not (tmp_path / "results.json").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("uti-demo").experiment_id])
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert "RUNNING" not in status.values()
+    assert status["uti-demo"] == status["uti"] == status["sft"] == "KILLED"
+    assert "dpo" not in status
