@@ -68,14 +68,11 @@ class Judge:
                              timeout=cfg.timeout_s)
         self.cache_path = Path(cache_path)
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        with self._db() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS grades (key TEXT PRIMARY KEY, grade TEXT NOT NULL)")
-
-    def _db(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.cache_path, timeout=60)
-        db.execute("PRAGMA journal_mode=WAL")
-        return db
+        self._lock = threading.Lock()  # one connection, shared by the worker threads in turn
+        self._db = sqlite3.connect(self.cache_path, timeout=60, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")  # trials of a sweep share the file
+        with self._db:
+            self._db.execute("CREATE TABLE IF NOT EXISTS grades (key TEXT PRIMARY KEY, grade TEXT NOT NULL)")
 
     def _key(self, messages: list[dict[str, str]]) -> str:
         blob = json.dumps([self.cfg.model, self.cfg.temperature, messages], sort_keys=True)
@@ -83,8 +80,8 @@ class Judge:
 
     def _ask(self, messages: list[dict[str, str]], parse: Callable[[str], Any]) -> Any:
         key = self._key(messages)
-        with self._lock, self._db() as db:
-            hit = db.execute("SELECT grade FROM grades WHERE key = ?", (key,)).fetchone()
+        with self._lock:
+            hit = self._db.execute("SELECT grade FROM grades WHERE key = ?", (key,)).fetchone()
         if hit is not None:
             return json.loads(hit[0])
         for _ in range(2):  # one more try when the reply has no grade in it
@@ -96,8 +93,8 @@ class Judge:
                                  f"({type(exc).__name__}); check judge.base_url and that the server is up") from None
             grade = parse(reply.choices[0].message.content or "")
             if grade is not None:
-                with self._lock, self._db() as db:
-                    db.execute("INSERT OR REPLACE INTO grades VALUES (?, ?)", (key, json.dumps(grade)))
+                with self._lock, self._db:
+                    self._db.execute("INSERT OR REPLACE INTO grades VALUES (?, ?)", (key, json.dumps(grade)))
                 return grade
         raise JudgeError(f"judge model {self.cfg.model!r} replied without a grade twice; check its rubric")
 

@@ -80,8 +80,9 @@ def run_study(study: Study) -> dict[str, Any]:
                                                    results["threshold"], outcomes)
         totals = {k: sum(t[k] for t in results["tasks"].values()) for k in ("gpu_hours", "cpu_hours", "cost_usd")}
         tracker.metrics(study_run, totals)
-        figures = sorted((cfg.output_dir / "figures").glob("*.png"))
-        figures.append(cost_bars(results, cfg.output_dir / "figures" / "cost.png"))
+        folder = cfg.output_dir / "figures"  # this study's figures only, not leftovers of an earlier one
+        figures = [p for t in cfg.tasks for p in task_figure_paths(folder, t.name)]
+        figures.append(cost_bars(results, folder / "cost.png"))
         for path in write_outputs(cfg.output_dir, results, outcomes, figures):
             tracker.artifact(study_run, path)
         for path in figures:
@@ -146,14 +147,19 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
     return result
 
 
+def task_figure_paths(folder: Path, name: str) -> list[Path]:
+    """Where a task's figures go: test bars, then the SFT and DPO eval-loss curves."""
+    return [folder / f"{name}_test.png", folder / f"{name}_sft_eval_loss.png", folder / f"{name}_dpo_eval_loss.png"]
+
+
 def task_figures(folder: Path, name: str, result: dict[str, Any], threshold: float,
                  sweeps: dict[str, StageResult]) -> list[Path]:
     """The task's test bars with p-values and each sweep's eval-loss curves, as PNGs in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [outcome_bars(name, result, threshold, folder / f"{name}_test.png")]
-    for stage, sweep in sweeps.items():
-        paths.append(eval_curves(name, stage, sweep.curves, (sweep.selected_trial, sweep.selected.step),
-                                 folder / f"{name}_{stage}_eval_loss.png"))
+    bars, *curves = task_figure_paths(folder, name)
+    paths = [outcome_bars(name, result, threshold, bars)]
+    for (stage, sweep), path in zip(sweeps.items(), curves, strict=True):
+        paths.append(eval_curves(name, stage, sweep.curves, (sweep.selected_trial, sweep.selected.step), path))
     return paths
 
 
