@@ -1,0 +1,185 @@
+"""Prefix-shared DPO against stock TRL: same loss, rewards, metrics and gradients on the same weights and batch.
+
+Both trainers get the same tiny Llama (fp32, CPU), the same perturbed policy weights (so that policy and
+reference differ and the rewards are not all zero) and the same collated batch, whose pairs have
+prompts and answers of different lengths (chosen longer than rejected and the other way round), so
+the batch is padded in both layouts.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from clinft_ray.packed_dpo import PackedDPOTrainer, pack_pairs
+
+WORDS = ("the patient has fever cough pain no yes left right chest clear normal abnormal mild severe acute "
+         "chronic denies reports").split()
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from clinft_ray.demo.tiny import build_tiny_model
+
+    corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 4
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), corpus, vocab_size=300, hidden_size=32)
+
+
+def preference_rows(n: int, seed: int, chat: bool = False) -> list[dict[str, Any]]:
+    """Pairs with 1-24 prompt words and 1-6 answer words, chosen and rejected of independent lengths."""
+    rng = random.Random(seed)
+
+    def text(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+    rows = []
+    for _ in range(n):
+        prompt, chosen, rejected = text(1, 24), text(1, 6), text(1, 6)
+        if chat:
+            rows.append({"prompt": [{"role": "user", "content": prompt}],
+                         "chosen": [{"role": "assistant", "content": chosen}],
+                         "rejected": [{"role": "assistant", "content": rejected + " no"}]})
+        else:
+            rows.append({"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected + " no"})
+    return rows
+
+
+def make_trainer(cls: type, tiny: Path, rows: list[dict[str, Any]], *, lora: bool, loss_type: str = "sigmoid",
+                 attn: str = "sdpa", **config: Any) -> Any:
+    """A trainer whose trainable weights are moved off the reference by the same seeded noise."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig
+
+    def load() -> Any:
+        return AutoModelForCausalLM.from_pretrained(tiny, attn_implementation=attn, dtype=torch.float32)
+
+    args = DPOConfig(output_dir=str(tiny / "out"), use_cpu=True, bf16=False, report_to=[],
+                     per_device_train_batch_size=len(rows),
+                     per_device_eval_batch_size=3, max_length=96, beta=0.2, loss_type=[loss_type], seed=0,
+                     disable_tqdm=True, **config)
+    trainer = cls(
+        model=load(),
+        ref_model=None if lora else load(),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(tiny),
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear") if lora else None,
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, p in sorted(trainer.model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return trainer
+
+
+def train_step(trainer: Any) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor], list[int]]:
+    """Loss, logged metrics, gradients and the row counts the policy's embedding saw, for one batch
+    through `Trainer.training_step` (the autocast context and backward the training loop uses)."""
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    seen: list[int] = []
+    hook = trainer.model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.shape[0]))
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, read by `training_step`
+    try:
+        loss = trainer.training_step(trainer.model, batch)
+    finally:
+        hook.remove()
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return loss.detach(), metrics, grads, seen
+
+
+def assert_same_step(stock: Any, packed: Any, pairs: int) -> None:
+    loss, metrics, grads, _ = train_step(stock)
+    p_loss, p_metrics, p_grads, p_seen = train_step(packed)
+    assert p_seen and set(p_seen) == {pairs}, f"the packed trainer ran rows of sizes {p_seen}, not one per pair"
+    assert metrics["rewards/chosen"] != 0.0 and metrics["rewards/margins"] != 0.0, "policy equals reference: weak test"
+    torch.testing.assert_close(p_loss, loss, **TOL)
+    assert metrics.keys() == p_metrics.keys()
+    for key in metrics:
+        torch.testing.assert_close(p_metrics[key], metrics[key], **TOL, msg=lambda m, key=key: f"{key}: {m}")
+    assert grads.keys() == p_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(p_grads[name], grad, **TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_packed_step_equals_stock_trl(tiny, lora, loss_type):
+    from trl import DPOTrainer
+
+    rows = preference_rows(5, seed=3)
+    assert_same_step(make_trainer(DPOTrainer, tiny, rows, lora=lora, loss_type=loss_type),
+                     make_trainer(PackedDPOTrainer, tiny, rows, lora=lora, loss_type=loss_type), pairs=5)
+
+
+def test_packed_step_equals_stock_with_eager_attention_and_chat_rows(tiny):
+    """The additive mask that eager attention reads, on conversational rows (the chat template)."""
+    from trl import DPOTrainer
+
+    rows = preference_rows(4, seed=5, chat=True)
+    assert_same_step(make_trainer(DPOTrainer, tiny, rows, lora=True, attn="eager"),
+                     make_trainer(PackedDPOTrainer, tiny, rows, lora=True, attn="eager"), pairs=4)
+
+
+def test_packed_evaluation_equals_stock(tiny):
+    """`evaluate()` (eval batches of 3 over 7 pairs, the last one short) logs the same eval metrics."""
+    from trl import DPOTrainer
+
+    rows = preference_rows(7, seed=11)
+    stock = make_trainer(DPOTrainer, tiny, rows, lora=False).evaluate()
+    packed = make_trainer(PackedDPOTrainer, tiny, rows, lora=False).evaluate()
+    for key in ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margins", "eval_logps/chosen"):
+        assert packed[key] == pytest.approx(stock[key], rel=1e-5, abs=1e-6), key
+
+
+def test_packing_layout_by_hand():
+    """One pair: prompt `a b`, chosen `x`, rejected `y z` (ids a=1 b=2 x=3 y=4 z=5, pad 0).
+
+    TRL's layout: chosen row `a b x <pad>`, rejected row `a b y z`. Packed: `a b x b' y z` at positions
+    0 1 2 1 2 3, where b' is the copy of b that starts the rejected branch. Visibility (row = query):
+        a : a            b': a b'
+        b : a b          y : a b' y
+        x : a b x        z : a b' y z
+    Scored (next token of the same answer): b -> x, b' -> y, y -> z. TRL's chosen row reads packed
+    positions 0 1 2, its rejected row 2 3 4 (past the chosen answer and the copy).
+    """
+    input_ids = torch.tensor([[1, 2, 3, 0], [1, 2, 4, 5]])
+    attention_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    labels = torch.tensor([[-100, -100, 3, -100], [-100, -100, 4, 5]])
+    packed = pack_pairs(input_ids, attention_mask, labels)
+    assert packed is not None
+    assert packed.input_ids.tolist() == [[1, 2, 3, 2, 4, 5]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 1, 2, 3]]
+    assert packed.attention_mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 0, 0, 1, 0, 0],
+        [1, 0, 0, 1, 1, 0],
+        [1, 0, 0, 1, 1, 1],
+    ]
+    assert packed.shift_labels.tolist() == [[-100, 3, -100, 4, 5, -100]]
+    assert packed.source_cols.tolist() == [[0, 1, 2], [2, 3, 4]]
+    assert packed.label_mask.tolist() == [[False, True, False], [False, True, True]]
+
+    additive = pack_pairs(input_ids, attention_mask, labels, "additive", torch.float32).attention_mask
+    assert torch.equal(additive == 0, packed.attention_mask)
+
+
+def test_batches_that_do_not_share_their_prompt_are_not_packed():
+    """`keep_end` truncation can cut chosen and rejected prompts differently; an empty prompt leaves the
+    first answer token without a predictor. Both go to the unpacked forward (None)."""
+    attention_mask = torch.ones(2, 4, dtype=torch.long)
+    labels = torch.tensor([[-100, -100, 3, 3], [-100, -100, 4, 5]])
+    assert pack_pairs(torch.tensor([[1, 2, 3, 3], [1, 9, 4, 5]]), attention_mask, labels) is None
+    assert pack_pairs(torch.tensor([[3, 3, 3, 3], [4, 5, 4, 5]]), attention_mask, torch.tensor([[3] * 4, [4] * 4])) is None
