@@ -51,7 +51,8 @@ def preference_rows(n: int, seed: int, chat: bool = False) -> list[dict[str, Any
 
 def make_trainer(cls: type, tiny: Path, rows: list[dict[str, Any]], *, lora: bool, loss_type: str = "sigmoid",
                  attn: str = "sdpa", **config: Any) -> Any:
-    """A trainer whose trainable weights are moved off the reference by the same seeded noise."""
+    """A trainer whose trainable weights are moved off the reference by the same seeded noise. Full
+    fine-tuning gets a second load as its reference model, unless the rows carry precomputed values."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -66,7 +67,7 @@ def make_trainer(cls: type, tiny: Path, rows: list[dict[str, Any]], *, lora: boo
                      disable_tqdm=True, **config)
     trainer = cls(
         model=load(),
-        ref_model=None if lora else load(),
+        ref_model=None if lora or args.precompute_ref_log_probs else load(),
         args=args,
         train_dataset=Dataset.from_list(rows),
         eval_dataset=Dataset.from_list(rows),
@@ -183,3 +184,122 @@ def test_batches_that_do_not_share_their_prompt_are_not_packed():
     labels = torch.tensor([[-100, -100, 3, 3], [-100, -100, 4, 5]])
     assert pack_pairs(torch.tensor([[1, 2, 3, 3], [1, 9, 4, 5]]), attention_mask, labels) is None
     assert pack_pairs(torch.tensor([[3, 3, 3, 3], [4, 5, 4, 5]]), attention_mask, torch.tensor([[3] * 4, [4] * 4])) is None
+
+
+# Reference log-probs computed once (clinft_ray.reference) ------------------------------------------
+
+
+def reference_args(tiny: Path, batch_size: int, max_length: int = 96, **config: Any) -> Any:
+    from trl import DPOConfig
+
+    return DPOConfig(output_dir=str(tiny / "out"), use_cpu=True, bf16=False, report_to=[], max_length=max_length,
+                     precompute_ref_batch_size=batch_size, disable_tqdm=True, **config)
+
+
+def load_reference(tiny: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+
+
+def test_cached_reference_equals_fresh_and_stock_and_second_call_runs_no_forward(tiny, tmp_path):
+    from transformers import AutoTokenizer
+    from trl import DPOTrainer
+
+    from clinft_ray.reference import REF_COLUMNS, cached_reference_logps, compute_reference_logps
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    splits = {"train": preference_rows(7, seed=1), "eval": preference_rows(3, seed=2)}
+    forwards = []
+
+    def compute() -> Any:
+        model = load_reference(tiny)
+        model.get_input_embeddings().register_forward_hook(lambda m, a, out: forwards.append(out.shape))
+        return compute_reference_logps(model, tok, splits, reference_args(tiny, batch_size=3))
+
+    key = {"checkpoint": str(tiny), "max_length": 96}
+    first = cached_reference_logps(tmp_path / "cache", key, compute)
+    assert forwards and {shape[0] for shape in forwards} <= {3, 1}, "one packed row per pair, batches of 3"
+    forwards.clear()
+    again = cached_reference_logps(tmp_path / "cache", key, compute)
+    assert forwards == [] and again == first
+    fresh = compute()
+    assert fresh == first
+    assert len(list((tmp_path / "cache").iterdir())) == 1, "one cache file, no temporary left behind"
+
+    # Stock TRL's own (unpacked) precompute gives the same numbers.
+    from datasets import Dataset
+
+    stock = DPOTrainer(model=load_reference(tiny), args=reference_args(tiny, 3, precompute_ref_log_probs=True),
+                       train_dataset=Dataset.from_list(splits["train"]), processing_class=tok)
+    for col in REF_COLUMNS:
+        torch.testing.assert_close(torch.tensor(first["train"][col]), torch.tensor(stock.train_dataset[col]), **TOL)
+
+
+def test_dpo_step_with_cached_reference_equals_live_reference(tiny, tmp_path):
+    """Full fine-tuning: the cached trainer keeps no reference model at all, and its step (loss,
+    rewards, gradients) equals stock TRL computing the reference live."""
+    from transformers import AutoTokenizer
+    from trl import DPOTrainer
+
+    from clinft_ray.reference import cached_reference_logps, compute_reference_logps, with_reference
+
+    rows = preference_rows(5, seed=3)
+    tok = AutoTokenizer.from_pretrained(tiny)
+    values = cached_reference_logps(tmp_path, {"k": 1}, lambda: compute_reference_logps(
+        load_reference(tiny), tok, {"train": rows}, reference_args(tiny, batch_size=2)))
+    cached = make_trainer(PackedDPOTrainer, tiny, with_reference(rows, values["train"]), lora=False,
+                          precompute_ref_log_probs=True)
+    assert cached.ref_model is None
+    assert_same_step(make_trainer(DPOTrainer, tiny, rows, lora=False), cached, pairs=5)
+
+
+def test_rows_trl_drops_get_no_reference_value(tiny):
+    """A prompt that fills max_length is dropped by TRL; its reference value is None, and the other
+    rows keep theirs in order."""
+    from transformers import AutoTokenizer
+
+    from clinft_ray.reference import compute_reference_logps
+
+    rows = preference_rows(3, seed=4)
+    rows.insert(1, {"prompt": " ".join(WORDS * 3), "chosen": " yes", "rejected": " no"})
+    values = compute_reference_logps(load_reference(tiny), AutoTokenizer.from_pretrained(tiny), {"train": rows},
+                                     reference_args(tiny, batch_size=2, max_length=40))
+    chosen = values["train"]["ref_chosen_logps"]
+    assert chosen[1] is None and all(isinstance(v, float) and v < 0 for i, v in enumerate(chosen) if i != 1)
+
+
+def test_a_failed_writer_leaves_no_cache_and_a_stale_key_is_recomputed(tmp_path):
+    from clinft_ray.reference import cached_reference_logps
+
+    def killed() -> Any:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cached_reference_logps(tmp_path, {"k": 1}, killed)
+    assert list(tmp_path.iterdir()) == []
+    values = {"train": {"ref_chosen_logps": [-1.5], "ref_rejected_logps": [-2.5]}}
+    assert cached_reference_logps(tmp_path, {"k": 1}, lambda: values) == values
+    (path,) = tmp_path.iterdir()
+    path.write_text(path.read_text().replace('"k": 1', '"k": 2'))  # a file that holds another key
+    other = {"train": {"ref_chosen_logps": [-3.0], "ref_rejected_logps": [-4.0]}}
+    assert cached_reference_logps(tmp_path, {"k": 1}, lambda: other) == other
+
+
+def test_checkpoint_fingerprint_follows_the_checkpoint(tiny, tmp_path):
+    import shutil
+    import time
+
+    from clinft_ray.reference import checkpoint_fingerprint
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny, ckpt, ignore=shutil.ignore_patterns("out"))
+    (ckpt / "clinft_checkpoint.json").write_text('{"step": 10}')
+    before = checkpoint_fingerprint(ckpt)
+    assert checkpoint_fingerprint(str(ckpt)) == before
+    (ckpt / "clinft_checkpoint.json").write_text('{"step": 20}')
+    assert checkpoint_fingerprint(ckpt) != before
+    after_manifest = checkpoint_fingerprint(ckpt)
+    time.sleep(0.01)
+    load_reference(tiny).save_pretrained(ckpt)  # the same path rewritten (a re-run into the same storage)
+    assert checkpoint_fingerprint(ckpt) != after_manifest
