@@ -212,15 +212,39 @@ class StageConfig(_Strict):
 
 
 class Resources(_Strict):
+    """What one trial asks Ray for.
+
+    `gpus_per_trial` below 1 packs several (LoRA) trials on one GPU; 1 is one GPU per trial; a whole
+    number above 1 runs the trial as a Ray Train `TorchTrainer` with one worker per GPU (DDP or FSDP,
+    `strategy`), for models that do not fit one GPU. On CPU, `workers_per_trial` does the same with
+    the gloo backend, `cpus_per_trial` CPUs per worker.
+    """
+
     gpus_per_trial: float | Literal["auto"] = "auto"
     cpus_per_trial: float = Field(1, gt=0)
+    workers_per_trial: int = Field(1, ge=1, description="data-parallel workers per trial; default: one per GPU")
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
     @field_validator("gpus_per_trial")
     @classmethod
     def _gpus(cls, v: float | str) -> float | str:
         if isinstance(v, float | int) and v < 0:
             raise ValueError(f"gpus_per_trial is {v}; use 0 for CPU, a fraction, a whole number, or 'auto'")
+        if isinstance(v, float | int) and v > 1 and v != int(v):
+            raise ValueError(f"gpus_per_trial is {v}; above 1 it must be a whole number (one worker per GPU)")
         return v
+
+    @model_validator(mode="after")
+    def _workers(self) -> Resources:
+        gpus = self.gpus_per_trial
+        if isinstance(gpus, float | int) and gpus > 1 and self.workers_per_trial not in (1, int(gpus)):
+            raise ValueError(f"workers_per_trial is {self.workers_per_trial} but gpus_per_trial is {gpus:g}: a "
+                             "multi-GPU trial runs one worker per GPU; drop workers_per_trial")
+        return self
+
+    def workers(self, gpus: float) -> int:
+        """Data-parallel workers of a trial that gets `gpus` GPUs (after 'auto' is resolved)."""
+        return int(gpus) if gpus > 1 else self.workers_per_trial
 
 
 class StatsConfig(_Strict):
@@ -251,6 +275,9 @@ class RayConfig(_Strict):
 class StudyConfig(_Strict):
     study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     output_dir: Path
+    storage_path: str | None = Field(
+        None, description="checkpoints and Tune state: a folder every node sees (NFS, a shared volume) or a URI "
+        "Ray's storage supports (s3://, gs://); default: OUTPUT_DIR/ray")
     seed: int = 0
     model: ModelConfig
     tasks: list[TaskConfig] = Field(min_length=1)
@@ -404,6 +431,15 @@ def load_study(path: str | Path, overrides: list[str] | None = None, output_dir:
     return _resolve_study(cfg, source)
 
 
+def _storage(base: Path, storage: str | None, output_dir: Path) -> str:
+    """A URI stays as written; a folder is resolved like any other path; none means OUTPUT_DIR/ray."""
+    if storage is None:
+        return str(output_dir / "ray")
+    if "://" in storage:
+        return storage
+    return str(_resolve(base, storage))
+
+
 def _resolve_study(cfg: StudyConfig, source: Path) -> Study:
     base = source.resolve().parent
     tasks = [
@@ -419,6 +455,7 @@ def _resolve_study(cfg: StudyConfig, source: Path) -> Study:
             "tasks": tasks,
             "model": model,
             "output_dir": _resolve(base, cfg.output_dir),
+            "storage_path": _storage(base, cfg.storage_path, _resolve(base, cfg.output_dir)),
             "sft": StageConfig(space=_resolve(base, cfg.sft.space)),
             "dpo": StageConfig(space=_resolve(base, cfg.dpo.space)),
         }

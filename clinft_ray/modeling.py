@@ -5,6 +5,10 @@ A checkpoint is a folder with `clinft_checkpoint.json` beside the weights:
     {"finetune": "lora" | "full", "base_model": "<hub id or path>", "parent": "<checkpoint path> | null",
      "init_from": "<checkpoint the training started from> | null", "step": <optimizer step it was saved at>}
 
+Checkpoints live in the study's storage (`storage_path`): a folder every node sees, or a URI such as
+`s3://bucket/study/...`; `local_checkpoint` turns either into a local folder (URIs are fetched once
+through Ray's `Checkpoint` into a node-local cache), so a DPO trial on any node finds its SFT model.
+
 A full checkpoint holds the whole model. A LoRA checkpoint holds only its adapter, trained on top of
 `parent` (the selected SFT checkpoint, for a DPO adapter) or of `base_model`; `load_model` rebuilds
 the chain and merges the adapters, so any checkpoint loads as one plain model.
@@ -12,7 +16,10 @@ the chain and merges the adapters, so any checkpoint loads as one plain model.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +65,7 @@ def load_model(cfg: ModelConfig, checkpoint: str | Path | None) -> Any:
         return load_base(cfg)
     from transformers import AutoModelForCausalLM
 
-    ckpt = Path(checkpoint)
+    ckpt = local_checkpoint(checkpoint)
     manifest = read_manifest(ckpt)
     if manifest["finetune"] == "full":
         return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype(cfg))
@@ -108,3 +115,32 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
 
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
+
+
+def checkpoint_ref(path: str, storage: str) -> str:
+    """Where a checkpoint in the study's storage lives, as a string any node can resolve: its path
+    for a shared folder, `scheme://path` for storage given as a URI (Ray keeps paths without it)."""
+    if "://" in storage and "://" not in path:
+        return f"{storage.split('://', 1)[0]}://{path}"
+    return path
+
+
+def local_checkpoint(ref: str | Path) -> Path:
+    """A checkpoint as a local folder: a path as it is; a URI fetched once into a node-local cache
+    (`CLINFT_CACHE`, default ~/.cache/clinft), moved into place whole so no reader sees half of it."""
+    if "://" not in str(ref):
+        return Path(ref)
+    from ray.tune import Checkpoint
+
+    cache = Path(os.environ.get("CLINFT_CACHE", Path.home() / ".cache" / "clinft")) / "checkpoints"
+    dest = cache / hashlib.sha256(str(ref).encode()).hexdigest()[:24]
+    if (dest / MANIFEST).is_file():
+        return dest
+    part = dest.with_name(f"{dest.name}.part-{os.getpid()}")
+    shutil.rmtree(part, ignore_errors=True)
+    Checkpoint(str(ref)).to_directory(str(part))
+    try:
+        part.rename(dest)
+    except OSError:  # another process on this node fetched it first
+        shutil.rmtree(part, ignore_errors=True)
+    return dest

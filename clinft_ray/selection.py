@@ -18,6 +18,7 @@ class Candidate:
     dev: float
     order: int = 0
     payload: Any = None
+    checkpoint: str = ""
 
 
 def select_best(candidates: list[Candidate]) -> Candidate:

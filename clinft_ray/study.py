@@ -10,6 +10,7 @@ go to MLflow through `tracking.Tracker`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from clinft_ray.data import DataError, Example, fingerprint, leakage_problems
 from clinft_ray.dpo import run_dpo
 from clinft_ray.evaluate import Scored
 from clinft_ray.figures import cost_bars, eval_curves, outcome_bars
+from clinft_ray.preflight import PreflightError, TrialResources, check_storage, check_tracking, trial_resources
 from clinft_ray.report import write_outputs
 from clinft_ray.sft import run_sft
 from clinft_ray.stats import bonferroni_threshold, mcnemar, paired_t
@@ -32,10 +34,6 @@ from clinft_ray.tracking import Tracker, default_tracking_uri, device_hours, red
 
 log = logging.getLogger("clinft")
 PAIRS = (("base", "sft"), ("sft", "dpo"), ("base", "dpo"))
-
-
-class PreflightError(RuntimeError):
-    """The cluster, tracking server or storage cannot run this study as configured."""
 
 
 @dataclass(frozen=True)
@@ -48,12 +46,24 @@ class Evaluated:
 
 
 def run_study(study: Study) -> dict[str, Any]:
-    """Run the whole study; returns the `results.json` content. Assumes a validated `Study`."""
+    """Run the whole study; returns the `results.json` content. Assumes a validated `Study`.
+
+    A study that already finished in this output directory with the same config and data is not run
+    again (a resubmitted job is a no-op): its `results.json` is returned as it is.
+    """
     cfg = study.config
-    cfg.output_dir.mkdir(parents=True, exist_ok=True)
     data = check_data(study)  # every split checked before any compute
-    resources = start_ray(study)
+    key = study_fingerprint(study)
+    done = finished(study, key)
+    if done is not None:
+        log.info("study %s already finished in %s with this config; nothing to train (results.json is kept)",
+                 cfg.study, cfg.output_dir)
+        return done
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.output_dir)
+    check_tracking(uri)  # seconds, before Ray starts: a dead server is reported before anything runs
+    check_storage(cfg.storage_path)
+    resources = start_ray(study)
     tracker = Tracker(uri, cfg.mlflow.experiment or cfg.study, artifact_dir=cfg.output_dir / "mlartifacts")
     study_run = tracker.start(cfg.study, tags={"clinft.kind": "study"})
     tracker.params(study_run, {"model": cfg.model.name_or_path, "finetune": cfg.model.finetune, "seed": cfg.seed,
@@ -67,6 +77,7 @@ def run_study(study: Study) -> dict[str, Any]:
         m = cfg.stats.comparisons or sum(len(t.outcome_metrics) for t in cfg.tasks)
         results: dict[str, Any] = {
             "study": cfg.study,
+            "fingerprint": key,
             "alpha": cfg.stats.alpha,
             "comparisons_m": m,
             "threshold": bonferroni_threshold(cfg.stats.alpha, m),
@@ -97,7 +108,7 @@ def run_study(study: Study) -> dict[str, Any]:
 
 
 def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tracker: Tracker, study_run: str,
-             resources: dict[str, float], threshold: float, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+             resources: TrialResources, threshold: float, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
     """One task through the protocol; appends its test outcomes to `outcomes`, returns its results."""
     task_run = tracker.start(task.name, parent=study_run, tags={"clinft.task": task.name})
     for s in SPLITS:  # fingerprints, not content: tells datasets apart without patient text
@@ -198,7 +209,37 @@ def check_data(study: Study) -> dict[str, dict[str, list[Example]]]:
     return data
 
 
-def start_ray(study: Study) -> dict[str, float]:
+def study_fingerprint(study: Study) -> str:
+    """sha256 of what decides a study's results: the config (without where it runs: output and
+    storage, Ray, MLflow, resources, the judge's address), the search spaces, and the data by content."""
+    cfg = study.config
+    what = cfg.model_dump(mode="json", exclude={"output_dir", "storage_path", "ray", "mlflow", "resources",
+                                                "sft", "dpo"})
+    for task, dumped in zip(cfg.tasks, what["tasks"], strict=True):
+        dumped["splits"] = {s: fingerprint(getattr(task.splits, s)) for s in SPLITS}
+    if what.get("judge"):
+        what["judge"].pop("base_url")
+    what["spaces"] = {"sft": study.sft_space.model_dump(mode="json"), "dpo": study.dpo_space.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def finished(study: Study, key: str) -> dict[str, Any] | None:
+    """The results of this very study if it already finished in its output directory; a finished
+    *different* study there is a `PreflightError` (its results would be overwritten)."""
+    path = study.config.output_dir / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # a results.json cut short: the study did not finish
+    if results.get("study") == study.config.study and results.get("fingerprint") == key:
+        return results
+    raise PreflightError(f"{study.config.output_dir} holds the finished study {results.get('study')!r} with another "
+                         "config or data; pass a new --out (or output_dir) to keep both")
+
+
+def start_ray(study: Study) -> TrialResources:
     """Join (or start) Ray and return the per-trial resource request, checked against the cluster."""
     import ray
 
@@ -212,20 +253,18 @@ def start_ray(study: Study) -> dict[str, float]:
     # then select from half-run trials. Without it, Ctrl-C raises KeyboardInterrupt out of fit(): the
     # study marks its runs KILLED and stops (Tune's experiment state stays on disk).
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+    # Ray Train's print patch copies prints that libraries capture on purpose (dill's code hashing
+    # in `datasets`) into the worker logs, pages of bytecode per trial. On a cluster the job's
+    # runtime environment (jobs/runtime_env.yaml) sets the same.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if ray.is_initialized():
+        pass
+    elif cfg.ray.address or os.environ.get("RAY_ADDRESS"):  # a cluster (a Ray job's driver gets RAY_ADDRESS)
+        ray.init(address=cfg.ray.address, logging_level=logging.WARNING)
+    else:  # a local Ray for this process: its dashboard (and job API) listen on loopback only
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  logging_level=logging.WARNING)
-    avail = ray.cluster_resources()
-    gpus = cfg.resources.gpus_per_trial
-    if gpus == "auto":
-        gpus = 1.0 if avail.get("GPU", 0) >= 1 else 0.0
-    cpus = cfg.resources.cpus_per_trial
-    if gpus > avail.get("GPU", 0):
-        raise PreflightError(f"resources.gpus_per_trial is {gpus} but Ray sees {avail.get('GPU', 0):g} GPUs; "
-                             "lower it (0 runs on CPU) or add GPU nodes")
-    if cpus > avail.get("CPU", 0):
-        raise PreflightError(f"resources.cpus_per_trial is {cpus} but Ray sees {avail.get('CPU', 0):g} CPUs; lower it")
-    return {"CPU": float(cpus), "GPU": float(gpus)}
+    return trial_resources(cfg.resources, ray.cluster_resources())
 
 
 def _score_task(study: Study, task: TaskConfig, checkpoint: str | None, with_dev: bool) -> tuple[Scored, Scored | None, float]:
@@ -245,14 +284,16 @@ def _score_task(study: Study, task: TaskConfig, checkpoint: str | None, with_dev
     return scored[0], scored[1] if with_dev else None, time.monotonic() - start
 
 
-def evaluate(study: Study, task: TaskConfig, checkpoint: str | None, resources: dict[str, float],
+def evaluate(study: Study, task: TaskConfig, checkpoint: str | None, resources: TrialResources,
              with_dev: bool = False) -> Evaluated:
-    """Score the base model (`checkpoint=None`) or a checkpoint, as a Ray task with a trial's resources."""
+    """Score the base model (`checkpoint=None`) or a checkpoint, as a Ray task with one trial
+    worker's resources."""
     import ray
 
-    remote = ray.remote(_score_task).options(num_cpus=resources["CPU"], num_gpus=resources["GPU"])
+    worker = resources.worker()
+    remote = ray.remote(_score_task).options(num_cpus=worker["CPU"], num_gpus=worker.get("GPU", 0))
     test, dev, seconds = ray.get(remote.remote(study, task, checkpoint, with_dev))
-    return Evaluated(test=test, dev=dev, hours=device_hours(resources, seconds, study.config.cost))
+    return Evaluated(test=test, dev=dev, hours=device_hours(worker, seconds, study.config.cost))
 
 
 def log_examples(study: Study, tracker: Tracker, run: str, task: str, stage: str, scored: Scored,
