@@ -10,6 +10,7 @@ reference is a second, frozen load of the SFT checkpoint. Preference rows are pr
 from __future__ import annotations
 
 import tempfile
+from functools import partial
 from typing import Any
 
 from clinft_ray.config import Study, TaskConfig
@@ -17,12 +18,15 @@ from clinft_ray.data import dpo_rows
 from clinft_ray.evaluate import score_split
 from clinft_ray.judge import judge_for
 from clinft_ray.modeling import has_chat_template, load_model, load_tokenizer, peft_config, save_checkpoint, torch_dtype
+from clinft_ray.preflight import TrialResources
 from clinft_ray.sweep import (
     DevReport,
+    Reporter,
     StageResult,
     quiet_worker,
     run_sweep,
     summarize,
+    trainable,
     trainer_kwargs,
     without_printer,
 )
@@ -30,8 +34,8 @@ from clinft_ray.tasks import load_task_split
 from clinft_ray.tracking import Tracker, TrialRuns
 
 
-def dpo_trial(hp: dict[str, Any], *, study: Study, task: TaskConfig, init_from: str) -> None:
-    """Tune trainable: train one DPO configuration; `hp` holds learning_rate and beta."""
+def dpo_train(hp: dict[str, Any], reporter: Reporter, *, study: Study, task: TaskConfig, init_from: str) -> None:
+    """Train one DPO configuration (a trial, or one worker of it); `hp` holds learning_rate and beta."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -53,7 +57,8 @@ def dpo_trial(hp: dict[str, Any], *, study: Study, task: TaskConfig, init_from: 
 
     with tempfile.TemporaryDirectory() as scratch:
         args = DPOConfig(
-            **trainer_kwargs(space, hp, cfg.seed, torch_dtype(cfg.model), scratch),
+            **trainer_kwargs(space, hp, cfg.seed, torch_dtype(cfg.model), scratch, reporter.world_size,
+                             cfg.resources.strategy),
             beta=float(hp["beta"]),
             loss_type=[space.loss_type],
             max_length=cfg.model.max_length,
@@ -66,31 +71,29 @@ def dpo_trial(hp: dict[str, Any], *, study: Study, task: TaskConfig, init_from: 
             eval_dataset=Dataset.from_list(dpo_rows(evl, chat)),
             processing_class=tok,
             peft_config=peft_config(cfg.model),
-            callbacks=[DevReport(score, save, task.metric)],
+            callbacks=[DevReport(score, save, task.metric, reporter)],
         )
         without_printer(trainer).train()
 
 
-def run_dpo(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, resources: dict[str, float],
+def run_dpo(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, resources: TrialResources,
             sft: StageResult) -> StageResult:
     """Sweep DPO from the selected SFT checkpoint, log every trial under a `dpo` stage run (tagged
     with the SFT trial's run id), select the best on dev."""
-    from ray import tune
-
     cfg, space = study.config, study.dpo_space
     tags = {"clinft.task": task.name, "clinft.stage": "dpo", "clinft.init_from": sft.selected_run_id}
     stage_run = tracker.start("dpo", parent=task_run, tags=tags)
     fixed = {"max_steps": space.max_steps, "eval_steps": space.eval_steps, "batch_size": space.batch_size,
              "seed": cfg.seed, "model": cfg.model.name_or_path, "finetune": cfg.model.finetune,
              "loss_type": space.loss_type, "init_from_step": sft.selected.step}
-    runs = TrialRuns(tracker, stage_run, resources, cfg.cost, fixed_params=fixed, tags=tags)
+    runs = TrialRuns(tracker, stage_run, resources.total(), cfg.cost, fixed_params=fixed, tags=tags)
     grid = run_sweep(
-        tune.with_parameters(dpo_trial, study=study, task=task, init_from=sft.checkpoint),
+        trainable(partial(dpo_train, study=study, task=task, init_from=sft.checkpoint), resources,
+                  cfg.storage_path, task.metric),
         name=f"{task.name}-dpo",
         space=space,
-        resources=resources,
-        storage_path=cfg.output_dir / "ray",
+        storage_path=cfg.storage_path,
         callbacks=[runs],
         metric=task.metric,
     )
-    return summarize("dpo", stage_run, grid, runs, task.metric, task.name)
+    return summarize("dpo", stage_run, grid, runs, task.metric, task.name, cfg.storage_path)

@@ -9,6 +9,7 @@ dev score with a checkpoint at every eval interval (see `sweep.DevReport`).
 from __future__ import annotations
 
 import tempfile
+from functools import partial
 from typing import Any
 
 from clinft_ray.config import Study, TaskConfig
@@ -16,12 +17,15 @@ from clinft_ray.data import sft_rows
 from clinft_ray.evaluate import score_split
 from clinft_ray.judge import judge_for
 from clinft_ray.modeling import has_chat_template, load_base, load_tokenizer, peft_config, save_checkpoint, torch_dtype
+from clinft_ray.preflight import TrialResources
 from clinft_ray.sweep import (
     DevReport,
+    Reporter,
     StageResult,
     quiet_worker,
     run_sweep,
     summarize,
+    trainable,
     trainer_kwargs,
     without_printer,
 )
@@ -29,8 +33,9 @@ from clinft_ray.tasks import load_task_split
 from clinft_ray.tracking import Tracker, TrialRuns
 
 
-def sft_trial(hp: dict[str, Any], *, study: Study, task: TaskConfig) -> None:
-    """Tune trainable: train one SFT configuration; `hp` holds the swept values (learning_rate)."""
+def sft_train(hp: dict[str, Any], reporter: Reporter, *, study: Study, task: TaskConfig) -> None:
+    """Train one SFT configuration (a trial, or one worker of it); `hp` holds the swept values
+    (learning_rate)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -50,7 +55,8 @@ def sft_trial(hp: dict[str, Any], *, study: Study, task: TaskConfig) -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         args = SFTConfig(
-            **trainer_kwargs(study.sft_space, hp, cfg.seed, torch_dtype(cfg.model), scratch),
+            **trainer_kwargs(study.sft_space, hp, cfg.seed, torch_dtype(cfg.model), scratch,
+                             reporter.world_size, cfg.resources.strategy),
             max_length=cfg.model.max_length,
         )
         trainer = SFTTrainer(
@@ -60,28 +66,25 @@ def sft_trial(hp: dict[str, Any], *, study: Study, task: TaskConfig) -> None:
             eval_dataset=Dataset.from_list(sft_rows(evl, chat)),
             processing_class=tok,
             peft_config=peft_config(cfg.model),
-            callbacks=[DevReport(score, save, task.metric)],
+            callbacks=[DevReport(score, save, task.metric, reporter)],
         )
         without_printer(trainer).train()
 
 
-def run_sft(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, resources: dict[str, float]) -> StageResult:
+def run_sft(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, resources: TrialResources) -> StageResult:
     """Sweep SFT for one task, log every trial under an `sft` stage run, select the best on dev."""
-    from ray import tune
-
     cfg, space = study.config, study.sft_space
     tags = {"clinft.task": task.name, "clinft.stage": "sft"}
     stage_run = tracker.start("sft", parent=task_run, tags=tags)
     fixed = {"max_steps": space.max_steps, "eval_steps": space.eval_steps, "batch_size": space.batch_size,
              "seed": cfg.seed, "model": cfg.model.name_or_path, "finetune": cfg.model.finetune}
-    runs = TrialRuns(tracker, stage_run, resources, cfg.cost, fixed_params=fixed, tags=tags)
+    runs = TrialRuns(tracker, stage_run, resources.total(), cfg.cost, fixed_params=fixed, tags=tags)
     grid = run_sweep(
-        tune.with_parameters(sft_trial, study=study, task=task),
+        trainable(partial(sft_train, study=study, task=task), resources, cfg.storage_path, task.metric),
         name=f"{task.name}-sft",
         space=space,
-        resources=resources,
-        storage_path=cfg.output_dir / "ray",
+        storage_path=cfg.storage_path,
         callbacks=[runs],
         metric=task.metric,
     )
-    return summarize("sft", stage_run, grid, runs, task.metric, task.name)
+    return summarize("sft", stage_run, grid, runs, task.metric, task.name, cfg.storage_path)

@@ -5,6 +5,11 @@ A trial is a Tune function trainable that trains with a TRL trainer. `DevReport`
 reports one namespaced metric row to Tune (`train/loss`, `eval/loss`, `dev/f1`, ...) and, when the dev
 score beats the trial's best so far, a checkpoint with it. Tune keeps that one best checkpoint per
 trial, so a trial's checkpoint is its best (step) on dev; `candidates()` lists them for selection.
+
+A trial with several workers (`gpus_per_trial: 4`, or `workers_per_trial` on CPU) runs the same
+training function in a Ray Train `TorchTrainer` started inside the Tune trial, the Ray Train V2 way:
+the workers report with `ray.train.report`, rank 0 writes the checkpoint, and Ray's
+`TuneReportCallback` forwards each row, with the checkpoint's path, to the trial.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from clinft_ray.evaluate import Scored
+from clinft_ray.modeling import checkpoint_ref
+from clinft_ray.preflight import DRIVER_CPUS, TrialResources
 from clinft_ray.selection import Candidate, select_best
 from clinft_ray.spaces import SearchSpace
 from clinft_ray.tracking import error_kind
@@ -123,6 +130,38 @@ class GpuStats:
         return out
 
 
+class TuneReporter:
+    """Reports from a trial that trains in its own process."""
+
+    world_size = 1
+    is_chief = True
+
+    def report(self, row: dict[str, Any], folder: str | None = None) -> None:
+        from ray import tune
+
+        tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
+
+
+class TrainReporter:
+    """Reports from one worker of a multi-worker trial: every worker reports each row (Ray Train
+    waits for all of them), and only rank 0 writes and uploads the checkpoint."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        self.world_size = context.get_world_size()
+        self.is_chief = context.get_world_rank() == 0
+
+    def report(self, row: dict[str, Any], folder: str | None = None) -> None:
+        import ray.train
+
+        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
+
+
+Reporter = TuneReporter | TrainReporter
+
+
 class DevReport(TrainerCallback):
     """Score dev at each evaluation, report to Tune, checkpoint on improvement.
 
@@ -130,8 +169,9 @@ class DevReport(TrainerCallback):
     A non-finite eval loss stops the trial: nothing after it can be selected.
     """
 
-    def __init__(self, score: Callable[[Any], Scored], save: Callable[[Any, str, int], None], metric: str):
-        self.score, self.save, self.metric = score, save, metric
+    def __init__(self, score: Callable[[Any], Scored], save: Callable[[Any, str, int], None], metric: str,
+                 reporter: Reporter):
+        self.score, self.save, self.metric, self.reporter = score, save, metric, reporter
         self.best = -math.inf
         self.last_train: dict[str, float] = {}
         self.gpu = GpuStats()
@@ -141,22 +181,22 @@ class DevReport(TrainerCallback):
             self.last_train = {k: v for k, v in _namespaced(logs).items() if not k.startswith("eval/")}
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-        from ray import tune
-
-        row = {**self.last_train, **_namespaced(metrics or {}), **self.gpu.read(), "step": state.global_step}
+        row = {**self.last_train, **_namespaced(metrics or {}), **self.gpu.read(), "step": state.global_step,
+               "system/workers": self.reporter.world_size}
         if not math.isfinite(row.get("eval/loss", 0.0)):
             control.should_training_stop = True
-            tune.report({**row, "stopped": "non-finite eval loss"})
+            self.reporter.report({**row, "stopped": "non-finite eval loss"})
             return
-        scored = self.score(model)
+        scored = self.score(model)  # every worker holds the whole model (DDP) and scores the same dev rows
         row.update({f"dev/{k}": v for k, v in scored.metrics.items()})
         if row[f"dev/{self.metric}"] > self.best:
             self.best = row[f"dev/{self.metric}"]
             with tempfile.TemporaryDirectory() as folder:
-                self.save(model, folder, state.global_step)
-                tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
+                if self.reporter.is_chief:
+                    self.save(model, folder, state.global_step)
+                self.reporter.report(row, folder if self.reporter.is_chief else None)
         else:
-            tune.report(row)
+            self.reporter.report(row)
 
 
 def trial_name(prefix: str) -> Callable[[Any], str]:
@@ -169,14 +209,49 @@ def trial_name(prefix: str) -> Callable[[Any], str]:
     return name
 
 
-def run_sweep(trainable: Callable, *, name: str, space: SearchSpace, resources: dict[str, float],
-              storage_path: Path, callbacks: list, metric: str) -> Any:
-    """Run one stage's trials with Ray Tune; returns the `ResultGrid`."""
+def trainable(train: Callable[[dict[str, Any], Reporter], None], resources: TrialResources, storage_path: str,
+              metric: str) -> Any:
+    """The Tune trainable that runs `train(hp, reporter)`: in the trial's own process, or, with several
+    workers, on each worker of a `TorchTrainer` that the trial starts and waits for."""
+    from ray import tune
+
+    if resources.workers == 1:
+        def trial(hp: dict[str, Any]) -> None:
+            train(hp, TuneReporter())
+
+        return tune.with_resources(trial, resources.worker())
+
+    def driver(hp: dict[str, Any]) -> None:
+        import ray.train
+        from ray.train.torch import TorchTrainer
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        TorchTrainer(
+            lambda config: train(config, TrainReporter()),
+            train_loop_config=hp,
+            scaling_config=ray.train.ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpus > 0,
+                                                   resources_per_worker=resources.worker()),
+            run_config=ray.train.RunConfig(
+                name=f"{tune.get_context().get_experiment_name()}-{tune.get_context().get_trial_id()}",
+                storage_path=storage_path,
+                callbacks=[TuneReportCallback()],
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=f"dev/{metric}",
+                                                             checkpoint_score_order="max"),
+            ),
+        ).fit()
+
+    return tune.with_resources(driver, {"CPU": DRIVER_CPUS})
+
+
+def run_sweep(trainable: Any, *, name: str, space: SearchSpace, storage_path: str, callbacks: list,
+              metric: str) -> Any:
+    """Run one stage's trials with Ray Tune; returns the `ResultGrid`. `storage_path` is an absolute
+    folder or a URI (the study resolves it); `trainable` comes from `trainable()`."""
     from ray import tune
 
     names = trial_name(name)
     tuner = tune.Tuner(
-        tune.with_resources(trainable, resources),
+        trainable,
         param_space=space.to_param_space(),
         tune_config=tune.TuneConfig(
             num_samples=space.num_samples,
@@ -185,7 +260,7 @@ def run_sweep(trainable: Callable, *, name: str, space: SearchSpace, resources: 
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=str(Path(storage_path).resolve()),
+            storage_path=storage_path,
             callbacks=callbacks,
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=f"dev/{metric}", checkpoint_score_order="max"
@@ -198,31 +273,43 @@ def run_sweep(trainable: Callable, *, name: str, space: SearchSpace, resources: 
 
 def candidates(grid: Any, metric: str) -> list[Candidate]:
     """Each trial's best dev (step) with its checkpoint, in search-space order; failed trials without
-    a checkpoint are left out."""
+    a checkpoint are left out. A multi-worker trial's checkpoint is the one its Train run reported
+    with that row (`checkpoint_path`); a single-worker trial's is the one Tune kept."""
     out = []
     for order, result in enumerate(grid):
         df = result.metrics_dataframe
         col = f"dev/{metric}"
-        if result.checkpoint is None or df is None or col not in df:
+        if df is None or col not in df:
             continue
         best = df.dropna(subset=[col]).sort_values([col, "step"], ascending=[False, True]).iloc[0]
+        path = best.get("checkpoint_path") if "checkpoint_path" in df else None
+        if not isinstance(path, str):
+            path = result.checkpoint.path if result.checkpoint is not None else None
+        if path is None:
+            continue
         out.append(Candidate(trial=result.metrics["trial_id"], step=int(best["step"]), dev=float(best[col]),
-                             order=order, payload=result))
+                             order=order, payload=result, checkpoint=path))
     return out
 
 
-def trainer_kwargs(space: SearchSpace, hp: dict[str, float], seed: int, dtype: Any, output_dir: str) -> dict[str, Any]:
+def trainer_kwargs(space: SearchSpace, hp: dict[str, float], seed: int, dtype: Any, output_dir: str,
+                   world_size: int = 1, strategy: str = "ddp") -> dict[str, Any]:
     """The `TrainingArguments` both stages share: schedule from the space, swept lr, no HF saving
-    (checkpoints go through Tune), eval every `eval_steps`."""
+    (checkpoints go through Tune), eval every `eval_steps`. With several workers the space's batch
+    size stays the global batch (split across them), so a sweep means the same on 1 or 8 GPUs."""
     import torch
 
     cuda = torch.cuda.is_available()
+    if space.batch_size % world_size:
+        raise ValueError(f"batch_size {space.batch_size} does not split over {world_size} workers; make it a multiple")
+    per_device = space.batch_size // world_size
+    fsdp = {"fsdp": "full_shard auto_wrap"} if strategy == "fsdp" and world_size > 1 else {}
     return {
         "output_dir": output_dir,
         "max_steps": space.max_steps,
         "learning_rate": float(hp["learning_rate"]),
-        "per_device_train_batch_size": space.batch_size,
-        "per_device_eval_batch_size": space.batch_size,
+        "per_device_train_batch_size": per_device,
+        "per_device_eval_batch_size": per_device,
         "gradient_accumulation_steps": space.gradient_accumulation_steps,
         "warmup_steps": space.warmup_steps,
         "lr_scheduler_type": space.lr_scheduler,
@@ -237,6 +324,7 @@ def trainer_kwargs(space: SearchSpace, hp: dict[str, float], seed: int, dtype: A
         "bf16": cuda and dtype == torch.bfloat16,
         "fp16": cuda and dtype == torch.float16,
         "disable_tqdm": True,
+        **fsdp,
     }
 
 
@@ -263,7 +351,7 @@ class StudyError(RuntimeError):
     """The study cannot go on (every trial of a sweep failed, ...); the message says where to look."""
 
 
-def summarize(stage: str, stage_run: str, grid: Any, runs: Any, metric: str, task: str) -> StageResult:
+def summarize(stage: str, stage_run: str, grid: Any, runs: Any, metric: str, task: str, storage: str) -> StageResult:
     """Select the best candidate of a finished sweep and total the stage's device-hours."""
     found = candidates(grid, metric)
     if not found:
@@ -282,7 +370,7 @@ def summarize(stage: str, stage_run: str, grid: Any, runs: Any, metric: str, tas
         run_id=stage_run,
         selected=best,
         selected_run_id=runs.run_ids[best.trial],
-        checkpoint=best.payload.checkpoint.path,
+        checkpoint=checkpoint_ref(best.checkpoint, storage),
         hparams=dict(best.payload.config),
         trials=len(grid),
         gpu_hours=sum(h["gpu_hours"] for h in runs.hours.values()),

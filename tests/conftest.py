@@ -13,10 +13,13 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_session():
+    import os
+
     import ray
 
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # as `clinft run` sets it (study.start_ray)
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
     yield ray
     ray.shutdown()
 
