@@ -1,0 +1,120 @@
+"""Cluster mode for real: `ray start --head` on 127.0.0.1 and the demo study sent with `ray job submit`.
+
+The cluster has token authentication on (RAY_AUTH_MODE=token), its dashboard and job API bind to
+127.0.0.1 only, and it is stopped by this module, without touching the test session's own Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A real head node with 2 CPUs on loopback; yields (dashboard address, env for clients)."""
+    temp = tempfile.mkdtemp(prefix="clinft-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    dashboard = _free_port()
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while _ray(["job", "list", "--address", address], env, check=False).returncode != 0:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the head node's job API did not come up in 120 s"
+            time.sleep(2)
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _ray(args: list[str], env: dict[str, str], check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], env=env, cwd=ROOT, text=True,
+                          capture_output=True, check=check, timeout=timeout)
+
+
+def _submit(address: str, env: dict[str, str], out: Path, submission_id: str) -> bool:
+    """`ray job submit` exactly as the README gives it, waiting for the end; True if the job succeeded."""
+    _ray(["job", "submit", "--address", address, "--submission-id", submission_id, "--working-dir", ".",
+          "--runtime-env", "jobs/runtime_env.yaml", "--", "python", "jobs/study.py", "demo", "--out", str(out)],
+         env, check=False, timeout=1200)
+    status = _ray(["job", "status", "--address", address, submission_id], env).stdout
+    return f"'{submission_id}' succeeded" in status
+
+
+def test_dashboard_and_job_api_bind_to_loopback_only(cluster):
+    address, _ = cluster
+    port = int(address.rsplit(":", 1)[1])
+    outside = [a for a in {socket.gethostbyname(socket.gethostname())} if not a.startswith("127.")]
+    for ip in outside:
+        with socket.socket() as s, pytest.raises(OSError):
+            s.settimeout(2)
+            s.connect((ip, port))
+
+
+def test_job_without_the_token_is_refused(cluster):
+    address, env = cluster
+    denied = _ray(["job", "list", "--address", address], {**env, "RAY_AUTH_TOKEN": "wrong" * 8}, check=False)
+    assert denied.returncode != 0
+
+
+def test_demo_study_as_a_ray_job_and_resubmitted(cluster, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    address, env = cluster
+    out = tmp_path / "demo"
+    assert _submit(address, env, out, "clinft-demo-1")
+
+    results = json.loads((out / "results.json").read_text())
+    stages = results["tasks"]["uti"]["stages"]
+    assert stages["sft"]["trials"] == 4 and stages["dpo"]["trials"] == 12
+    assert stages["sft"]["test"]["f1"] > stages["base"]["test"]["f1"]
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("uti-demo")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    trials = [r for r in runs if "clinft.trial" in r.data.tags]
+    assert len(trials) == 16 and {r.info.status for r in runs} == {"FINISHED"}
+    assert sum(r.data.metrics["cpu_hours"] for r in trials) > 0
+    stamp = (out / "results.json").stat().st_mtime_ns
+    logs = _ray(["job", "logs", "--address", address, "clinft-demo-1"], env).stdout
+    assert "results:" in logs and "Traceback" not in logs
+
+    # The same study again: nothing trains, nothing new in MLflow, the results stay as they were.
+    assert _submit(address, env, out, "clinft-demo-2")
+    again = _ray(["job", "logs", "--address", address, "clinft-demo-2"], env).stdout
+    assert "already finished" in again
+    assert len(client.search_runs([experiment.experiment_id], max_results=1000)) == len(runs)
+    assert (out / "results.json").stat().st_mtime_ns == stamp
