@@ -284,6 +284,7 @@ class StudyConfig(_Strict):
     sft: StageConfig
     dpo: StageConfig
     resources: Resources = Resources()
+    trial_retries: int = Field(2, ge=0, description="times a failed trial is retried from its latest checkpoint")
     stats: StatsConfig = StatsConfig()
     cost: CostConfig = CostConfig()
     mlflow: MlflowConfig = MlflowConfig()

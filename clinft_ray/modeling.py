@@ -90,19 +90,20 @@ def peft_config(cfg: ModelConfig) -> Any:
     )
 
 
-def save_checkpoint(model: Any, out_dir: str | Path, cfg: ModelConfig, *, parent: str | None, init_from: str | None,
-                    step: int) -> Path:
-    """Save a training model (PEFT adapter or full weights) with its manifest; returns the folder.
+def write_manifest(folder: str | Path, cfg: ModelConfig, *, parent: str | None, init_from: str | None,
+                   step: int) -> Path:
+    """Make a folder the trainer saved (PEFT adapter or full weights) a clinft-ray checkpoint.
 
     `parent` is what a LoRA adapter must be stacked on to load; `init_from` records the checkpoint
-    the training started from (None: the base model), whatever the fine-tuning mode.
+    the training started from (None: the base model), whatever the fine-tuning mode. The manifest is
+    written last: a folder without it is incomplete and is never loaded.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    out = Path(folder)
     manifest = {"finetune": cfg.finetune, "base_model": cfg.name_or_path, "parent": parent, "init_from": init_from,
                 "step": step}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    part = out / f"{MANIFEST}.part"
+    part.write_text(json.dumps(manifest, indent=1))
+    part.rename(out / MANIFEST)
     return out
 
 

@@ -16,13 +16,15 @@ from clinft_ray.config import Study, TaskConfig
 from clinft_ray.data import sft_rows
 from clinft_ray.evaluate import score_split
 from clinft_ray.judge import judge_for
-from clinft_ray.modeling import has_chat_template, load_base, load_tokenizer, peft_config, save_checkpoint, torch_dtype
+from clinft_ray.modeling import has_chat_template, load_base, load_tokenizer, peft_config, torch_dtype, write_manifest
 from clinft_ray.preflight import TrialResources
+from clinft_ray.progress import Progress
 from clinft_ray.sweep import (
     DevReport,
     Reporter,
     StageResult,
     quiet_worker,
+    resume_point,
     run_sweep,
     summarize,
     trainable,
@@ -50,8 +52,10 @@ def sft_train(hp: dict[str, Any], reporter: Reporter, *, study: Study, task: Tas
     def score(model: Any):
         return score_split(model, tok, task, dev, cfg.model.max_length, judge)
 
-    def save(model: Any, folder: str, step: int) -> None:
-        save_checkpoint(model, folder, cfg.model, parent=None, init_from=None, step=step)
+    def manifest(folder: str, step: int) -> None:
+        write_manifest(folder, cfg.model, parent=None, init_from=None, step=step)
+
+    resume, best = resume_point(reporter)  # a retried or resumed trial goes on from its latest checkpoint
 
     with tempfile.TemporaryDirectory() as scratch:
         args = SFTConfig(
@@ -66,16 +70,18 @@ def sft_train(hp: dict[str, Any], reporter: Reporter, *, study: Study, task: Tas
             eval_dataset=Dataset.from_list(sft_rows(evl, chat)),
             processing_class=tok,
             peft_config=peft_config(cfg.model),
-            callbacks=[DevReport(score, save, task.metric, reporter)],
+            callbacks=[DevReport(score, manifest, task.metric, reporter, best)],
         )
-        without_printer(trainer).train()
+        without_printer(trainer).train(resume_from_checkpoint=resume)
 
 
-def run_sft(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, resources: TrialResources) -> StageResult:
+def run_sft(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, resources: TrialResources,
+            progress: Progress) -> StageResult:
     """Sweep SFT for one task, log every trial under an `sft` stage run, select the best on dev."""
     cfg, space = study.config, study.sft_space
     tags = {"clinft.task": task.name, "clinft.stage": "sft"}
-    stage_run = tracker.start("sft", parent=task_run, tags=tags)
+    resume = progress.started(f"{task.name}/sft")
+    stage_run = progress.run(f"{task.name}/sft", tracker, lambda: tracker.start("sft", parent=task_run, tags=tags))
     fixed = {"max_steps": space.max_steps, "eval_steps": space.eval_steps, "batch_size": space.batch_size,
              "seed": cfg.seed, "model": cfg.model.name_or_path, "finetune": cfg.model.finetune}
     runs = TrialRuns(tracker, stage_run, resources.total(), cfg.cost, fixed_params=fixed, tags=tags)
@@ -85,6 +91,7 @@ def run_sft(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, res
         space=space,
         storage_path=cfg.storage_path,
         callbacks=[runs],
-        metric=task.metric,
+        retries=cfg.trial_retries,
+        resume=resume,
     )
     return summarize("sft", stage_run, grid, runs, task.metric, task.name, cfg.storage_path)

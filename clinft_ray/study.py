@@ -25,6 +25,7 @@ from clinft_ray.dpo import run_dpo
 from clinft_ray.evaluate import Scored
 from clinft_ray.figures import cost_bars, eval_curves, outcome_bars
 from clinft_ray.preflight import PreflightError, TrialResources, check_storage, check_tracking, trial_resources
+from clinft_ray.progress import Progress, scored_from_json, scored_to_json, stage_from_json, stage_to_json
 from clinft_ray.report import write_outputs
 from clinft_ray.sft import run_sft
 from clinft_ray.stats import bonferroni_threshold, mcnemar, paired_t
@@ -63,9 +64,12 @@ def run_study(study: Study) -> dict[str, Any]:
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.output_dir)
     check_tracking(uri)  # seconds, before Ray starts: a dead server is reported before anything runs
     check_storage(cfg.storage_path)
+    progress = Progress(cfg.output_dir / "progress.json", cfg.study, key)
     resources = start_ray(study)
     tracker = Tracker(uri, cfg.mlflow.experiment or cfg.study, artifact_dir=cfg.output_dir / "mlartifacts")
-    study_run = tracker.start(cfg.study, tags={"clinft.kind": "study"})
+    if progress.resumed:
+        log.info("study %s was interrupted in %s: going on where it stopped", cfg.study, cfg.output_dir)
+    study_run = progress.run("study", tracker, lambda: tracker.start(cfg.study, tags={"clinft.kind": "study"}))
     tracker.params(study_run, {"model": cfg.model.name_or_path, "finetune": cfg.model.finetune, "seed": cfg.seed,
                                "tasks": ",".join(t.name for t in cfg.tasks), "alpha": cfg.stats.alpha})
     if cfg.mlflow.log_examples:
@@ -88,7 +92,7 @@ def run_study(study: Study) -> dict[str, Any]:
         outcomes: list[dict[str, Any]] = []
         for task in cfg.tasks:
             results["tasks"][task.name] = run_task(study, task, data[task.name], tracker, study_run, resources,
-                                                   results["threshold"], outcomes)
+                                                   results["threshold"], outcomes, progress)
         totals = {k: sum(t[k] for t in results["tasks"].values()) for k in ("gpu_hours", "cpu_hours", "cost_usd")}
         tracker.metrics(study_run, totals)
         folder = cfg.output_dir / "figures"  # this study's figures only, not leftovers of an earlier one
@@ -108,35 +112,44 @@ def run_study(study: Study) -> dict[str, Any]:
 
 
 def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tracker: Tracker, study_run: str,
-             resources: TrialResources, threshold: float, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
-    """One task through the protocol; appends its test outcomes to `outcomes`, returns its results."""
-    task_run = tracker.start(task.name, parent=study_run, tags={"clinft.task": task.name})
+             resources: TrialResources, threshold: float, outcomes: list[dict[str, Any]],
+             progress: Progress) -> dict[str, Any]:
+    """One task through the protocol; appends its test outcomes to `outcomes`, returns its results.
+    Steps `progress` holds as done (the study is resuming) are taken from it, not run again."""
+    task_run = progress.run(task.name, tracker,
+                            lambda: tracker.start(task.name, parent=study_run, tags={"clinft.task": task.name}))
     for s in SPLITS:  # fingerprints, not content: tells datasets apart without patient text
         path = getattr(task.splits, s)
         tracker.params(task_run, {f"data.{s}.sha256": fingerprint(path), f"data.{s}.rows": len(data[s])})
 
-    log.info("[%s] base model on test", task.name)
-    base_run = tracker.start("base", parent=task_run, tags={"clinft.task": task.name, "clinft.stage": "base"})
-    base = evaluate(study, task, None, resources, with_dev=True)
-    log_examples(study, tracker, base_run, task.name, "base", base.test, data["test"])
-    stages = {"base": log_base(tracker, base_run, base)}
-    scored = {"base": base.test}
+    stages: dict[str, dict[str, Any]] = {}
+    scored: dict[str, Scored] = {}
+    if (done := progress.get(f"{task.name}/base")) is None:
+        log.info("[%s] base model on test", task.name)
+        base_run = progress.run(f"{task.name}/base", tracker, lambda: tracker.start(
+            "base", parent=task_run, tags={"clinft.task": task.name, "clinft.stage": "base"}))
+        base = evaluate(study, task, None, resources, with_dev=True)
+        log_examples(study, tracker, base_run, task.name, "base", base.test, data["test"])
+        done = {"entry": log_base(tracker, base_run, base), "test": scored_to_json(base.test)}
+        progress.put(f"{task.name}/base", done)
+    stages["base"], scored["base"] = done["entry"], scored_from_json(done["test"])
 
-    log.info("[%s] SFT sweep: %d trials", task.name, study.sft_space.num_trials())
-    sft = run_sft(study, task, tracker, task_run, resources)
-    log.info("[%s] SFT selected %s at step %d (dev %s %.3f)", task.name, _hp(sft.hparams), sft.selected.step,
-             task.metric, sft.selected.dev)
-    scored["sft"] = evaluate(study, task, sft.checkpoint, resources).test
-    log_examples(study, tracker, sft.run_id, task.name, "sft", scored["sft"], data["test"])
-    stages["sft"] = log_stage(tracker, sft, scored["sft"], task.metric)
-
-    log.info("[%s] DPO sweep from the selected SFT checkpoint: %d trials", task.name, study.dpo_space.num_trials())
-    dpo = run_dpo(study, task, tracker, task_run, resources, sft)
-    log.info("[%s] DPO selected %s at step %d (dev %s %.3f)", task.name, _hp(dpo.hparams), dpo.selected.step,
-             task.metric, dpo.selected.dev)
-    scored["dpo"] = evaluate(study, task, dpo.checkpoint, resources).test
-    log_examples(study, tracker, dpo.run_id, task.name, "dpo", scored["dpo"], data["test"])
-    stages["dpo"] = log_stage(tracker, dpo, scored["dpo"], task.metric)
+    sweeps: dict[str, StageResult] = {}
+    for stage, trials in (("sft", study.sft_space.num_trials()), ("dpo", study.dpo_space.num_trials())):
+        if (done := progress.get(f"{task.name}/{stage}")) is None:
+            log.info("[%s] %s sweep: %d trials%s", task.name, stage.upper(), trials,
+                     " from the selected SFT checkpoint" if stage == "dpo" else "")
+            sweep = (run_sft(study, task, tracker, task_run, resources, progress) if stage == "sft" else
+                     run_dpo(study, task, tracker, task_run, resources, sweeps["sft"], progress))
+            log.info("[%s] %s selected %s at step %d (dev %s %.3f)", task.name, stage.upper(), _hp(sweep.hparams),
+                     sweep.selected.step, task.metric, sweep.selected.dev)
+            test = evaluate(study, task, sweep.checkpoint, resources).test
+            log_examples(study, tracker, sweep.run_id, task.name, stage, test, data["test"])
+            done = {"entry": log_stage(tracker, sweep, test, task.metric), "test": scored_to_json(test),
+                    "sweep": stage_to_json(sweep)}
+            progress.put(f"{task.name}/{stage}", done)
+        stages[stage], scored[stage] = done["entry"], scored_from_json(done["test"])
+        sweeps[stage] = stage_from_json(done["sweep"])
 
     for stage, sc in scored.items():
         outcomes += [{"task": task.name, "stage": stage, "id": i, **{k: v[n] for k, v in sc.outcomes.items()}}
@@ -144,7 +157,7 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
     result = {
         "kind": task.kind,
         "metric": task.metric,
-        "n_test": len(base.test.ids),
+        "n_test": len(scored["base"].ids),
         "stages": stages,
         "outcomes": task.outcome_metrics,
         "comparisons": compare(scored, task.outcome_metrics, threshold),
@@ -152,7 +165,7 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
     }
     tracker.metrics(task_run, {k: v for k, v in result.items()
                                if k.endswith(("_hours", "_ratio", "cost_usd")) and v is not None})
-    for path in task_figures(study.config.output_dir / "figures", task.name, result, threshold, {"sft": sft, "dpo": dpo}):
+    for path in task_figures(study.config.output_dir / "figures", task.name, result, threshold, sweeps):
         tracker.artifact(task_run, path, "figures")
     tracker.end(task_run)
     return result

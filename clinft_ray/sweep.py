@@ -14,10 +14,11 @@ the workers report with `ray.train.report`, rank 0 writes the checkpoint, and Ra
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
-import tempfile
+import shutil
 import threading
 import time
 import warnings
@@ -141,6 +142,11 @@ class TuneReporter:
 
         tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
+    def checkpoint(self) -> Any:
+        from ray import tune
+
+        return tune.get_checkpoint()
+
 
 class TrainReporter:
     """Reports from one worker of a multi-worker trial: every worker reports each row (Ray Train
@@ -158,45 +164,90 @@ class TrainReporter:
 
         ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
 
+    def checkpoint(self) -> Any:
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
 
 Reporter = TuneReporter | TrainReporter
 
 
 class DevReport(TrainerCallback):
-    """Score dev at each evaluation, report to Tune, checkpoint on improvement.
+    """Score dev at each evaluation, report it, and hand the trainer's checkpoint to Tune.
 
-    `score(model)` returns the dev `Scored`; `save(model, folder, step)` writes a checkpoint there.
-    A non-finite eval loss stops the trial: nothing after it can be selected.
+    The trainer saves its whole state at every eval (weights, optimizer, scheduler, RNG, step: the
+    `checkpoint-N` folder of transformers); `on_save` adds clinft's manifest (`manifest(folder, step)`)
+    and reports it with the eval's row. Ray keeps two per trial: the latest, which a retried or
+    resumed trial continues from, and the best on dev: `keep/dev` is the dev score where it improved
+    on the trial's best and -inf elsewhere, so among equal scores the earliest step is kept.
+
+    A non-finite train or eval loss stops the trial at once, with the reason in the row; nothing is
+    checkpointed after it, so nothing after it can be selected.
     """
 
-    def __init__(self, score: Callable[[Any], Scored], save: Callable[[Any, str, int], None], metric: str,
-                 reporter: Reporter):
-        self.score, self.save, self.metric, self.reporter = score, save, metric, reporter
-        self.best = -math.inf
+    def __init__(self, score: Callable[[Any], Scored], manifest: Callable[[str, int], None], metric: str,
+                 reporter: Reporter, best: float = -math.inf):
+        self.score, self.manifest, self.metric, self.reporter = score, manifest, metric, reporter
+        self.best = best  # the trial's best dev so far (restored when a trial resumes)
         self.last_train: dict[str, float] = {}
+        self.pending: dict[str, Any] | None = None
         self.gpu = GpuStats()
+
+    def _halt(self, control: Any, row: dict[str, Any], reason: str) -> None:
+        control.should_training_stop = True
+        control.should_save = control.should_evaluate = False
+        self.pending = None
+        self.reporter.report({**row, "stopped": reason})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.last_train = {k: v for k, v in _namespaced(logs).items() if not k.startswith("eval/")}
+            if not math.isfinite(logs["loss"]):
+                self._halt(control, {**self.last_train, "step": state.global_step}, "non-finite train loss")
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         row = {**self.last_train, **_namespaced(metrics or {}), **self.gpu.read(), "step": state.global_step,
                "system/workers": self.reporter.world_size}
         if not math.isfinite(row.get("eval/loss", 0.0)):
-            control.should_training_stop = True
-            self.reporter.report({**row, "stopped": "non-finite eval loss"})
+            self._halt(control, row, "non-finite eval loss")
             return
         scored = self.score(model)  # every worker holds the whole model (DDP) and scores the same dev rows
+        dev = scored.metrics[self.metric]
         row.update({f"dev/{k}": v for k, v in scored.metrics.items()})
-        if row[f"dev/{self.metric}"] > self.best:
-            self.best = row[f"dev/{self.metric}"]
-            with tempfile.TemporaryDirectory() as folder:
-                if self.reporter.is_chief:
-                    self.save(model, folder, state.global_step)
-                self.reporter.report(row, folder if self.reporter.is_chief else None)
-        else:
+        row["keep/dev"] = dev if dev > self.best else -math.inf
+        self.best = max(self.best, dev)
+        self.pending = row
+        control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.pending is None:  # a save without an eval (the end of training): nothing to report
+            return
+        row, self.pending = self.pending, None
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not self.reporter.is_chief:
             self.reporter.report(row)
+            return
+        self.manifest(folder, state.global_step)
+        with open(os.path.join(folder, DEV_STATE), "w") as f:
+            json.dump({"best": self.best}, f)
+        self.reporter.report(row, folder)
+        shutil.rmtree(folder, ignore_errors=True)  # Tune has its copy in storage
+
+
+DEV_STATE = "clinft_dev.json"
+
+
+def resume_point(reporter: Reporter) -> tuple[str | None, float]:
+    """Where a trial continues from: (the latest checkpoint as a local folder, the best dev so far),
+    or (None, -inf) for a fresh trial. The folder lives until the trial's process ends."""
+    checkpoint = reporter.checkpoint()
+    if checkpoint is None:
+        return None, -math.inf
+    folder = checkpoint.to_directory() if "://" in str(getattr(checkpoint, "path", "")) else checkpoint.path
+    state = Path(folder) / DEV_STATE
+    best = json.loads(state.read_text())["best"] if state.is_file() else -math.inf
+    return str(folder), best
 
 
 def trial_name(prefix: str) -> Callable[[Any], str]:
@@ -235,7 +286,7 @@ def trainable(train: Callable[[dict[str, Any], Reporter], None], resources: Tria
                 name=f"{tune.get_context().get_experiment_name()}-{tune.get_context().get_trial_id()}",
                 storage_path=storage_path,
                 callbacks=[TuneReportCallback()],
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=f"dev/{metric}",
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="keep/dev",
                                                              checkpoint_score_order="max"),
             ),
         ).fit()
@@ -244,11 +295,23 @@ def trainable(train: Callable[[dict[str, Any], Reporter], None], resources: Tria
 
 
 def run_sweep(trainable: Any, *, name: str, space: SearchSpace, storage_path: str, callbacks: list,
-              metric: str) -> Any:
+              retries: int, resume: bool) -> Any:
     """Run one stage's trials with Ray Tune; returns the `ResultGrid`. `storage_path` is an absolute
-    folder or a URI (the study resolves it); `trainable` comes from `trainable()`."""
+    folder or a URI (the study resolves it); `trainable` comes from `trainable()`.
+
+    A trial that fails is retried `retries` times from its latest checkpoint. With `resume` (the
+    study is continuing after an interruption) a sweep Tune had started is restored: finished trials
+    stay finished, the others go on from their latest checkpoints, failed ones get their retries again.
+    """
     from ray import tune
 
+    experiment = f"{storage_path.rstrip('/')}/{name}"
+    if resume and tune.Tuner.can_restore(experiment):
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
+        # Tune restores the callbacks pickled when the sweep began, with the MLflow state of the
+        # process that was interrupted; this process's callbacks carry the state as it is now.
+        tuner._local_tuner._run_config.callbacks = callbacks
+        return tuner.fit()
     names = trial_name(name)
     tuner = tune.Tuner(
         trainable,
@@ -262,8 +325,9 @@ def run_sweep(trainable: Any, *, name: str, space: SearchSpace, storage_path: st
             name=name,
             storage_path=storage_path,
             callbacks=callbacks,
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=f"dev/{metric}", checkpoint_score_order="max"
+            failure_config=tune.FailureConfig(max_failures=retries),
+            checkpoint_config=tune.CheckpointConfig(  # the best on dev, and Ray keeps the latest too
+                num_to_keep=1, checkpoint_score_attribute="keep/dev", checkpoint_score_order="max"
             ),
             verbose=1,
         ),
@@ -272,9 +336,10 @@ def run_sweep(trainable: Any, *, name: str, space: SearchSpace, storage_path: st
 
 
 def candidates(grid: Any, metric: str) -> list[Candidate]:
-    """Each trial's best dev (step) with its checkpoint, in search-space order; failed trials without
-    a checkpoint are left out. A multi-worker trial's checkpoint is the one its Train run reported
-    with that row (`checkpoint_path`); a single-worker trial's is the one Tune kept."""
+    """Each trial's best dev (step) with its checkpoint, in search-space order; trials without a
+    checkpoint (failed before their first eval) are left out. A multi-worker trial's checkpoint is the
+    one its Train run reported with that row (`checkpoint_path`); a single-worker trial's is the one
+    Tune kept as its best."""
     out = []
     for order, result in enumerate(grid):
         df = result.metrics_dataframe
@@ -282,13 +347,15 @@ def candidates(grid: Any, metric: str) -> list[Candidate]:
         if df is None or col not in df:
             continue
         best = df.dropna(subset=[col]).sort_values([col, "step"], ascending=[False, True]).iloc[0]
+        step = int(best["step"])
         path = best.get("checkpoint_path") if "checkpoint_path" in df else None
         if not isinstance(path, str):
-            path = result.checkpoint.path if result.checkpoint is not None else None
+            kept = [c for c, m in (result.best_checkpoints or []) if int(m.get("step", -1)) == step]
+            path = kept[0].path if kept else None
         if path is None:
             continue
-        out.append(Candidate(trial=result.metrics["trial_id"], step=int(best["step"]), dev=float(best[col]),
-                             order=order, payload=result, checkpoint=path))
+        out.append(Candidate(trial=result.metrics["trial_id"], step=step, dev=float(best[col]), order=order,
+                             payload=result, checkpoint=path))
     return out
 
 
@@ -316,8 +383,9 @@ def trainer_kwargs(space: SearchSpace, hp: dict[str, float], seed: int, dtype: A
         "weight_decay": space.weight_decay,
         "eval_strategy": "steps",
         "eval_steps": space.eval_steps,
-        "logging_steps": min(space.eval_steps, 10),
-        "save_strategy": "no",
+        "logging_steps": 1,  # a non-finite loss stops the trial at the step it appears (DevReport)
+        "logging_nan_inf_filter": False,
+        "save_strategy": "no",  # DevReport asks for a save at each eval; Tune keeps it
         "report_to": [],
         "seed": seed,
         "use_cpu": not cuda,

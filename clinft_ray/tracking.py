@@ -89,6 +89,15 @@ class Tracker:
         self.open.append(run.info.run_id)
         return run.info.run_id
 
+    def reopen(self, run_id: str) -> None:
+        """Continue a run of an interrupted study: RUNNING again, and ended with the rest."""
+        self.client.update_run(run_id, status="RUNNING")
+        if run_id not in self.open:
+            self.open.append(run_id)
+
+    def children(self, parent: str) -> list[Any]:
+        return self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=5000)
+
     def params(self, run_id: str, params: dict[str, Any]) -> None:
         for k, v in params.items():
             self.client.log_param(run_id, k, v)
@@ -129,6 +138,9 @@ class TrialRuns(Callback):
     `fixed_params` (schedule, seed, model) are logged on every trial beside its swept config;
     `tags` (task, stage, init_from) likewise. `run_ids` maps Tune trial ids to MLflow run ids and
     `hours` to each trial's GPU/CPU-hours and cost once it has ended.
+
+    When a stage resumes, the trial runs it already has in MLflow are picked up (one run per trial,
+    whatever the number of attempts), with the wall time their earlier attempts held the devices.
     """
 
     def __init__(self, tracker: Tracker, stage_run: str, resources: dict[str, float], prices: CostConfig,
@@ -137,17 +149,38 @@ class TrialRuns(Callback):
         self.stage_run = stage_run
         self.resources = resources
         self.prices = prices
-        self.started: dict[str, float] = {}  # trial id -> when its resources were granted (monotonic)
+        self.started: dict[str, float] = {}  # trial id -> when this attempt's resources were granted (monotonic)
+        self.before: dict[str, float] = {}  # trial id -> seconds its attempts before this process held the devices
         self.fixed_params = fixed_params
         self.tags = tags
         self.run_ids: dict[str, str] = {}
         self.hours: dict[str, dict[str, float]] = {}
+        self.steps: dict[str, int] = {}  # trial id -> last step reported: totals are logged there, as the latest
+        for run in tracker.children(stage_run):
+            trial_id = run.data.tags.get("clinft.trial_id")
+            if trial_id is None:
+                continue
+            self.run_ids[trial_id] = run.info.run_id
+            self.before[trial_id] = run.data.metrics.get("wall_s", 0.0)
+            # Rows up to here are in MLflow already; a trial resumed from an older checkpoint
+            # reports some of them again, and they are not logged twice.
+            self.steps[trial_id] = max((m.step for m in tracker.client.get_metric_history(run.info.run_id, "wall_s")),
+                                       default=-1)
+            if run.info.status != "RUNNING":  # ended before the interruption: Tune will not run it again
+                self.hours[trial_id] = {k: run.data.metrics.get(k, 0.0) for k in ("gpu_hours", "cpu_hours", "cost_usd")}
+
+    def _seconds(self, trial: Any) -> float:
+        """Wall time the trial has held its devices: earlier attempts plus this one so far."""
+        return self.before.get(trial.trial_id, 0.0) + time.monotonic() - self.started.get(trial.trial_id, time.monotonic())
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.started.setdefault(trial.trial_id, time.monotonic())
         if trial.trial_id in self.run_ids:
+            self.tracker.reopen(self.run_ids[trial.trial_id])
+            self.hours.pop(trial.trial_id, None)
             return
-        run = self.tracker.start(str(trial), parent=self.stage_run, tags={**self.tags, "clinft.trial": str(trial)})
+        run = self.tracker.start(str(trial), parent=self.stage_run,
+                                 tags={**self.tags, "clinft.trial": str(trial), "clinft.trial_id": trial.trial_id})
         self.tracker.params(run, {**trial.config, **self.fixed_params})
         self.run_ids[trial.trial_id] = run
 
@@ -156,17 +189,22 @@ class TrialRuns(Callback):
         if run is None:
             return
         curves = {k: v for k, v in result.items() if k.startswith(METRIC_PREFIXES) and isinstance(v, int | float)}
-        self.tracker.metrics(run, curves, step=int(result.get("step", 0)))
+        if int(result.get("step", 0)) <= self.steps.get(trial.trial_id, -1):
+            return
+        self.steps[trial.trial_id] = int(result.get("step", 0))
+        self.tracker.metrics(run, {**curves, "wall_s": self._seconds(trial)}, step=self.steps[trial.trial_id])
+        if result.get("stopped"):
+            self.tracker.tag(run, "clinft.stopped", f"{result['stopped']} at step {int(result.get('step', 0))}")
 
     def _finish(self, trial: Any, status: str) -> None:
         run = self.run_ids.get(trial.trial_id)
         if run is None:
             return
-        # Wall time from the grant of the trial's resources to its end, failed attempts included:
-        # the devices were held all that time, whatever the trial reported.
-        seconds = time.monotonic() - self.started.get(trial.trial_id, time.monotonic())
+        # Wall time from the grant of the trial's resources to its end, failed and retried attempts
+        # included: the devices were held all that time, whatever the trial reported.
+        seconds = self._seconds(trial)
         self.hours[trial.trial_id] = device_hours(self.resources, seconds, self.prices)
-        self.tracker.metrics(run, {**self.hours[trial.trial_id], "wall_s": seconds})
+        self.tracker.metrics(run, {**self.hours[trial.trial_id], "wall_s": seconds}, step=self.steps.get(trial.trial_id))
         self.tracker.end(run, status)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
