@@ -341,7 +341,7 @@ def candidates(grid: Any, metric: str) -> list[Candidate]:
     one its Train run reported with that row (`checkpoint_path`); a single-worker trial's is the one
     Tune kept as its best."""
     out = []
-    for order, result in enumerate(grid):
+    for result in grid:
         df = result.metrics_dataframe
         col = f"dev/{metric}"
         if df is None or col not in df:
@@ -354,7 +354,10 @@ def candidates(grid: Any, metric: str) -> list[Candidate]:
             path = kept[0].path if kept else None
         if path is None:
             continue
-        out.append(Candidate(trial=result.metrics["trial_id"], step=step, dev=float(best[col]), order=order,
+        trial = result.metrics["trial_id"]
+        # Ties go to the trial listed first in the search space: Tune's trial index, which stays the
+        # same when a sweep is restored (the order of the result grid does not).
+        out.append(Candidate(trial=trial, step=step, dev=float(best[col]), order=int(trial.rsplit("_", 1)[-1]),
                              payload=result, checkpoint=path))
     return out
 
