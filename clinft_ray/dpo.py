@@ -1,10 +1,15 @@
-"""DPO stage: trials over learning rate x beta, each a TRL `DPOTrainer` run from the selected SFT model.
+"""DPO stage: trials over learning rate x beta, each a `PackedDPOTrainer` run from the selected SFT model.
 
 Every trial starts from the SFT checkpoint selected on dev (`init_from`). With LoRA, the SFT adapter
-is merged into the base and a fresh DPO adapter is trained on top, so the reference model is the
-same network with the adapter disabled (no second copy in memory); with full fine-tuning the
-reference is a second, frozen load of the SFT checkpoint. Preference rows are prompt / chosen (gold)
-/ rejected. Trials report dev scores with checkpoints like the SFT stage (`sweep.DevReport`).
+is merged into the base and a fresh DPO adapter is trained on top. Preference rows are prompt /
+chosen (gold) / rejected. Trials report dev scores with checkpoints like the SFT stage
+(`sweep.DevReport`).
+
+DPO is kept nearly as cheap as SFT: `PackedDPOTrainer` (TRL's `DPOTrainer` with each pair's prompt
+computed once) trains, and the reference log-probs, which depend on neither learning rate nor beta,
+are computed once per sweep, before the trials, by a Ray task with one trial worker's resources, and
+cached under `output_dir/reference_logps` (`clinft_ray.reference`). Every trial reads them as TRL's
+precomputed columns, so no trial runs or loads a reference model.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from clinft_ray.evaluate import score_split
 from clinft_ray.judge import judge_for
 from clinft_ray.modeling import has_chat_template, load_model, load_tokenizer, peft_config, save_checkpoint, torch_dtype
 from clinft_ray.preflight import TrialResources
+from clinft_ray.reference import RefLogps, sweep_reference, with_reference
 from clinft_ray.sweep import (
     DevReport,
     Reporter,
@@ -34,16 +40,24 @@ from clinft_ray.tasks import load_task_split
 from clinft_ray.tracking import Tracker, TrialRuns
 
 
-def dpo_train(hp: dict[str, Any], reporter: Reporter, *, study: Study, task: TaskConfig, init_from: str) -> None:
-    """Train one DPO configuration (a trial, or one worker of it); `hp` holds learning_rate and beta."""
+def dpo_train(hp: dict[str, Any], reporter: Reporter, *, study: Study, task: TaskConfig, init_from: str,
+              reference: RefLogps | None = None) -> None:
+    """Train one DPO configuration (a trial, or one worker of it); `hp` holds learning_rate and beta.
+    `reference`: the sweep's shared reference log-probs; without them the trial runs its reference
+    live (the adapter disabled with LoRA, else a second load of `init_from`)."""
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
+
+    from clinft_ray.packed_dpo import PackedDPOTrainer
 
     cfg, space = study.config, study.dpo_space
     quiet_worker(cfg.resources.cpus_per_trial)
     tok = load_tokenizer(cfg.model)
     chat = has_chat_template(tok)
     train, evl, dev = (load_task_split(task, s) for s in ("train", "eval", "dev"))
+    train_rows, eval_rows = dpo_rows(train, chat), dpo_rows(evl, chat)
+    if reference is not None:
+        train_rows, eval_rows = with_reference(train_rows, reference["train"]), with_reference(eval_rows, reference["eval"])
     lora = cfg.model.finetune == "lora"
 
     judge = judge_for(study)
@@ -62,13 +76,14 @@ def dpo_train(hp: dict[str, Any], reporter: Reporter, *, study: Study, task: Tas
             beta=float(hp["beta"]),
             loss_type=[space.loss_type],
             max_length=cfg.model.max_length,
+            precompute_ref_log_probs=reference is not None,
         )
-        trainer = DPOTrainer(
+        trainer = PackedDPOTrainer(
             model=load_model(cfg.model, init_from),
-            ref_model=None if lora else load_model(cfg.model, init_from),
+            ref_model=None if lora or reference is not None else load_model(cfg.model, init_from),
             args=args,
-            train_dataset=Dataset.from_list(dpo_rows(train, chat)),
-            eval_dataset=Dataset.from_list(dpo_rows(evl, chat)),
+            train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(eval_rows),
             processing_class=tok,
             peft_config=peft_config(cfg.model),
             callbacks=[DevReport(score, save, task.metric, reporter)],
@@ -87,9 +102,10 @@ def run_dpo(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, res
              "seed": cfg.seed, "model": cfg.model.name_or_path, "finetune": cfg.model.finetune,
              "loss_type": space.loss_type, "init_from_step": sft.selected.step}
     runs = TrialRuns(tracker, stage_run, resources.total(), cfg.cost, fixed_params=fixed, tags=tags)
+    reference = sweep_reference(study, task, sft.checkpoint, resources.worker(), cfg.output_dir / "reference_logps")
     grid = run_sweep(
-        trainable(partial(dpo_train, study=study, task=task, init_from=sft.checkpoint), resources,
-                  cfg.storage_path, task.metric),
+        trainable(partial(dpo_train, study=study, task=task, init_from=sft.checkpoint, reference=reference),
+                  resources, cfg.storage_path, task.metric),
         name=f"{task.name}-dpo",
         space=space,
         storage_path=cfg.storage_path,
