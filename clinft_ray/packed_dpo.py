@@ -21,12 +21,22 @@ Why a 4D attention mask and not a shared KV cache: transformers 5.23 passes a 4D
 unchanged (`masking_utils._preprocess_mask_arguments` returns it as-is) to Llama's `sdpa` and `eager`
 attention, which is one forward and one backward over `P + C + 1 + R` tokens, with gradients through the
 prompt from both answers for free. A cached prompt would need the cache expanded and kept in the
-autograd graph, which the `Cache` classes are not built for. The mask is boolean for `sdpa` and
-additive (0 / dtype min) for `eager`, the formats those kernels read. Other attention kernels
-(flash-attention, flex) cannot take an arbitrary mask; with them, and for anything the packing does not
-cover (prompt-learning PEFT, MoE router losses, vision inputs, a batch whose chosen and rejected rows do
-not share their prompt, e.g. after `keep_end` truncation), the batch goes through the stock unpacked
-forward, so results stay the same, only slower.
+autograd graph, which the `Cache` classes are not built for (and transformers turns the cache off under
+activation checkpointing). The mask is boolean for `sdpa` and additive (0 / dtype min) for `eager`, the
+formats those kernels read.
+
+A dense mask makes the kernel compute every query-key block, twice the work of the causal prompt that
+SFT runs with `is_causal`. So a model on `sdpa` is switched to `sdpa_prefix_shared`
+(`prefix_shared_attention`), registered with transformers' `AttentionInterface`: on a packed call (the
+layout arrives as the `prefix_shared` keyword, through PEFT, DDP and activation checkpointing) it runs
+the prompt with `is_causal` and each answer against its own keys, which is the masked attention without
+its empty blocks; on every other call (generation, scoring, the unpacked fallback) it is plain `sdpa`.
+The switch is not saved with the model (`config.json` has no attention implementation).
+
+Other attention kernels (flash-attention, flex) cannot take an arbitrary mask; with them, and for
+anything the packing does not cover (prompt-learning PEFT, MoE router losses, vision inputs, a batch whose
+chosen and rejected rows do not share their prompt, e.g. after `keep_end` truncation), the batch goes
+through the stock unpacked forward, so results stay the same, only slower.
 
 `PackedDPOTrainer` overrides only where TRL calls the model: `_compute_loss` hands TRL a model that
 packs (and gives the reference log-probs to TRL as if precomputed), and `compute_ref_log_probs` packs
@@ -44,7 +54,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import is_peft_model
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import logging
 from trl import DPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput
@@ -54,12 +68,22 @@ logger = logging.get_logger(__name__)
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 MaskFormat = Literal["bool", "additive"]
 # What each attention implementation reads as a custom 4D mask; others fall back to the unpacked forward.
-MASK_FORMATS: dict[str, MaskFormat] = {"sdpa": "bool", "eager": "additive"}
+STRUCTURED = "sdpa_prefix_shared"
+MASK_FORMATS: dict[str, MaskFormat] = {"sdpa": "bool", STRUCTURED: "bool", "eager": "additive"}
 _PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 for _hook in ("_compute_loss", "compute_ref_log_probs", "_precompute_ref_logps"):
     if not hasattr(DPOTrainer, _hook):
         raise ImportError(f"trl's DPOTrainer has no {_hook}; PackedDPOTrainer is written against trl 1.16")
+
+
+@dataclass(frozen=True)
+class PrefixLayout:
+    """Where the answers sit in a packed batch, for `prefix_shared_attention`."""
+
+    prompt: int  # the longest prompt: every position before it that is not an answer token is a prompt token
+    answer_index: torch.Tensor  # [B, A]: packed positions of each row's answer tokens (both branches), 0 after
+    answer_slot: torch.Tensor  # [B, T]: each position's column in `answer_index`, -1 for prompt and padding
 
 
 @dataclass(frozen=True)
@@ -74,6 +98,7 @@ class PackedPairs:
     source_rows: torch.Tensor  # [2B, 1]: packed row of each TRL row
     source_cols: torch.Tensor  # [2B, L - 1]: packed position of each TRL position
     label_mask: torch.Tensor  # [2B, L - 1]: TRL's scored positions
+    layout: PrefixLayout
 
     def unpack(self, packed: Any) -> FusedCausalLMOutput:
         """The fused LM head's packed outputs in TRL's layout, zero where TRL scores nothing."""
@@ -148,7 +173,53 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
     offset = torch.cat([torch.zeros_like(chosen_len), chosen_len + 1])
     source_cols = (span[None, :-1] + offset[:, None]).clamp(max=width - 1)
     source_rows = torch.arange(rows, device=input_ids.device)[:, None] % pairs
-    return PackedPairs(packed_ids, visible, position_ids, shift_labels, source_rows, source_cols, answer[:, 1:])
+
+    # The answer tokens of each row (chosen, the copy, rejected), in order, and each position's slot among them.
+    in_answer = (branch == 1) | (branch == 2)
+    count = in_answer.sum(dim=1)
+    slots = torch.arange(int(count.max()), device=input_ids.device)
+    answer_index = torch.sort((~in_answer).int(), dim=1, stable=True).indices[:, : slots.numel()]
+    answer_index = answer_index.masked_fill(slots[None, :] >= count[:, None], 0)
+    answer_slot = torch.where(in_answer, in_answer.cumsum(dim=1) - 1, -1)
+    layout = PrefixLayout(int(prompt.max()), answer_index, answer_slot)
+    return PackedPairs(packed_ids, visible, position_ids, shift_labels, source_rows, source_cols, answer[:, 1:],
+                       layout)
+
+
+def prefix_shared_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                            prefix_shared: PrefixLayout | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """`sdpa` attention that, on a packed batch (`prefix_shared` set), skips the blocks the packed mask
+    hides: the prompts attend causally (`is_causal`, the kernels' fast path, over the longest prompt), and
+    only the answer tokens, gathered, attend through the mask. Equal to `sdpa` with `pack_pairs`' mask;
+    plain `sdpa` without `prefix_shared`."""
+    if prefix_shared is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if attention_mask is None or attention_mask.dtype != torch.bool:
+        raise ValueError("prefix_shared_attention needs pack_pairs' boolean 4D mask")
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    batch, heads, width, dim = query.shape
+    p = prefix_shared.prompt
+    # Positions before the longest prompt's end: causal attention is right for every prompt token there;
+    # the answer tokens among them (rows with shorter prompts) are replaced below.
+    prompt_out = F.scaled_dot_product_attention(query[:, :, :p], key[:, :, :p], value[:, :, :p], dropout_p=dropout,
+                                                is_causal=True, scale=scaling)
+    prompt_out = torch.cat([prompt_out, prompt_out.new_zeros(batch, heads, width - p, dim)], dim=2)
+    index = prefix_shared.answer_index[:, None, :, None]
+    answer_q = query.gather(2, index.expand(-1, heads, -1, dim))
+    answer_mask = attention_mask.gather(2, index.expand(-1, 1, -1, width))
+    answer_out = F.scaled_dot_product_attention(answer_q, key, value, attn_mask=answer_mask, dropout_p=dropout,
+                                                scale=scaling)
+    slot = prefix_shared.answer_slot
+    spread = answer_out.gather(2, slot.clamp(min=0)[:, None, :, None].expand(-1, heads, -1, dim))
+    out = torch.where((slot >= 0)[:, None, :, None], spread, prompt_out)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(STRUCTURED, prefix_shared_attention)
+AttentionMaskInterface.register(STRUCTURED, sdpa_mask)
 
 
 class PrefixSharedForward:
@@ -161,9 +232,10 @@ class PrefixSharedForward:
     def __call__(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  labels: torch.Tensor | None = None, fused_lm_head: bool = False, **kwargs: Any) -> Any:
         packed = None
-        if fused_lm_head and self.mask_format and input_ids is not None and labels is not None and set(kwargs) <= {
-            "use_cache"
-        }:
+        # Only TRL's log-prob call on a plain text batch; extra inputs (router logits, images) go unpacked.
+        plain = input_ids is not None and attention_mask is not None and labels is not None and set(kwargs) <= {
+            "use_cache"}
+        if fused_lm_head and self.mask_format is not None and plain:
             packed = pack_pairs(input_ids, attention_mask, labels, self.mask_format, self.mask_dtype)
         if packed is None:
             if fused_lm_head:
@@ -173,7 +245,7 @@ class PrefixSharedForward:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         out = self.model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
                          position_ids=packed.position_ids, shift_labels=packed.shift_labels, fused_lm_head=True,
-                         use_cache=False)
+                         use_cache=False, prefix_shared=packed.layout)
         return packed.unpack(out)
 
 
@@ -199,6 +271,10 @@ class PackedDPOTrainer(DPOTrainer):
         """`model` wrapped to run packed when its attention implementation takes a custom 4D mask."""
         unwrapped = self.accelerator.unwrap_model(model)
         impl = getattr(unwrapped.config, "_attn_implementation", None)
+        if impl == "sdpa":  # the same attention without the empty blocks of the packed mask
+            base = unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
+            base.set_attn_implementation(STRUCTURED)
+            impl = base.config._attn_implementation
         mask_format = MASK_FORMATS.get(impl)
         if is_peft_model(unwrapped) and unwrapped.active_peft_config.is_prompt_learning:
             mask_format = None  # virtual tokens are prepended to the row: the packed mask would not fit

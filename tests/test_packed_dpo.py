@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from clinft_ray.packed_dpo import PackedDPOTrainer, pack_pairs
+from clinft_ray.packed_dpo import STRUCTURED, PackedDPOTrainer, pack_pairs, prefix_shared_attention
 
 WORDS = ("the patient has fever cough pain no yes left right chest clear normal abnormal mild severe acute "
          "chronic denies reports").split()
@@ -119,8 +119,9 @@ def test_packed_step_equals_stock_trl(tiny, lora, loss_type):
     from trl import DPOTrainer
 
     rows = preference_rows(5, seed=3)
-    assert_same_step(make_trainer(DPOTrainer, tiny, rows, lora=lora, loss_type=loss_type),
-                     make_trainer(PackedDPOTrainer, tiny, rows, lora=lora, loss_type=loss_type), pairs=5)
+    packed = make_trainer(PackedDPOTrainer, tiny, rows, lora=lora, loss_type=loss_type)
+    assert_same_step(make_trainer(DPOTrainer, tiny, rows, lora=lora, loss_type=loss_type), packed, pairs=5)
+    assert packed.model.config._attn_implementation == STRUCTURED, "sdpa is switched to the block-skipping kernel"
 
 
 def test_packed_step_equals_stock_with_eager_attention_and_chat_rows(tiny):
@@ -152,7 +153,8 @@ def test_packing_layout_by_hand():
         b : a b          y : a b' y
         x : a b x        z : a b' y z
     Scored (next token of the same answer): b -> x, b' -> y, y -> z. TRL's chosen row reads packed
-    positions 0 1 2, its rejected row 2 3 4 (past the chosen answer and the copy).
+    positions 0 1 2, its rejected row 2 3 4 (past the chosen answer and the copy). The answer tokens
+    (x b' y z, positions 2-5) are the queries that attend through the mask.
     """
     input_ids = torch.tensor([[1, 2, 3, 0], [1, 2, 4, 5]])
     attention_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
@@ -172,9 +174,48 @@ def test_packing_layout_by_hand():
     assert packed.shift_labels.tolist() == [[-100, 3, -100, 4, 5, -100]]
     assert packed.source_cols.tolist() == [[0, 1, 2], [2, 3, 4]]
     assert packed.label_mask.tolist() == [[False, True, False], [False, True, True]]
+    assert packed.layout.prompt == 2 and packed.layout.answer_index.tolist() == [[2, 3, 4, 5]]
+    assert packed.layout.answer_slot.tolist() == [[-1, -1, 0, 1, 2, 3]]
 
     additive = pack_pairs(input_ids, attention_mask, labels, "additive", torch.float32).attention_mask
     assert torch.equal(additive == 0, packed.attention_mask)
+
+
+def test_block_skipping_attention_equals_masked_sdpa():
+    """Three pairs of different prompt and answer lengths (so rows are padded, and a short prompt's row
+    has answer tokens before the longest prompt ends), grouped-query heads
+    (4 query heads on 2 key/value heads): the per-segment attention equals `sdpa` with the packed mask on
+    every real position, and so do the gradients of query, key and value."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    pairs = [(5, 2, 3), (1, 4, 1), (7, 1, 2)]  # prompt, chosen, rejected
+    length = max(p + max(c, r) for p, c, r in pairs)
+    input_ids = torch.zeros(6, length, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for i, (p, c, r) in enumerate(pairs):
+        prompt = torch.randint(1, 50, (p,))
+        for row, n in ((i, c), (3 + i, r)):
+            input_ids[row, : p + n] = torch.cat([prompt, torch.randint(1, 50, (n,))])
+            attention_mask[row, : p + n] = 1
+            labels[row, p : p + n] = input_ids[row, p : p + n]
+    packed = pack_pairs(input_ids, attention_mask, labels)
+    width = packed.input_ids.shape[1]
+    q, k, v = (torch.randn(3, h, width, 8, requires_grad=True) for h in (4, 2, 2))
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 2, True, False
+
+    def run(fn: Any, **kw: Any) -> tuple[torch.Tensor, ...]:
+        out, _ = fn(module, q, k, v, packed.attention_mask, scaling=0.3, **kw)
+        real = torch.tensor([[j < p + c + 1 + r for j in range(width)] for p, c, r in pairs])
+        out = out[real]
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), (q, k, v))
+        return out, *grads
+
+    expected = run(sdpa_attention_forward)
+    for got, want in zip(run(prefix_shared_attention, prefix_shared=packed.layout), expected, strict=True):
+        torch.testing.assert_close(got, want, **TOL)
 
 
 def test_batches_that_do_not_share_their_prompt_are_not_packed():
