@@ -22,14 +22,16 @@ from clinft_ray.config import Study, TaskConfig
 from clinft_ray.data import dpo_rows
 from clinft_ray.evaluate import score_split
 from clinft_ray.judge import judge_for
-from clinft_ray.modeling import has_chat_template, load_model, load_tokenizer, peft_config, save_checkpoint, torch_dtype
+from clinft_ray.modeling import has_chat_template, load_model, load_tokenizer, peft_config, torch_dtype, write_manifest
 from clinft_ray.preflight import TrialResources
+from clinft_ray.progress import Progress
 from clinft_ray.reference import RefLogps, sweep_reference, with_reference
 from clinft_ray.sweep import (
     DevReport,
     Reporter,
     StageResult,
     quiet_worker,
+    resume_point,
     run_sweep,
     summarize,
     trainable,
@@ -65,9 +67,11 @@ def dpo_train(hp: dict[str, Any], reporter: Reporter, *, study: Study, task: Tas
     def score(model: Any):
         return score_split(model, tok, task, dev, cfg.model.max_length, judge)
 
-    def save(model: Any, folder: str, step: int) -> None:
+    def manifest(folder: str, step: int) -> None:
         # A LoRA DPO adapter only makes sense on top of its SFT model: record it as the parent.
-        save_checkpoint(model, folder, cfg.model, parent=init_from if lora else None, init_from=init_from, step=step)
+        write_manifest(folder, cfg.model, parent=init_from if lora else None, init_from=init_from, step=step)
+
+    resume, best = resume_point(reporter)  # a retried or resumed trial goes on from its latest checkpoint
 
     with tempfile.TemporaryDirectory() as scratch:
         args = DPOConfig(
@@ -86,18 +90,19 @@ def dpo_train(hp: dict[str, Any], reporter: Reporter, *, study: Study, task: Tas
             eval_dataset=Dataset.from_list(eval_rows),
             processing_class=tok,
             peft_config=peft_config(cfg.model),
-            callbacks=[DevReport(score, save, task.metric, reporter)],
+            callbacks=[DevReport(score, manifest, task.metric, reporter, best)],
         )
-        without_printer(trainer).train()
+        without_printer(trainer).train(resume_from_checkpoint=resume)
 
 
 def run_dpo(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, resources: TrialResources,
-            sft: StageResult) -> StageResult:
+            sft: StageResult, progress: Progress) -> StageResult:
     """Sweep DPO from the selected SFT checkpoint, log every trial under a `dpo` stage run (tagged
     with the SFT trial's run id), select the best on dev."""
     cfg, space = study.config, study.dpo_space
     tags = {"clinft.task": task.name, "clinft.stage": "dpo", "clinft.init_from": sft.selected_run_id}
-    stage_run = tracker.start("dpo", parent=task_run, tags=tags)
+    resume = progress.started(f"{task.name}/dpo")
+    stage_run = progress.run(f"{task.name}/dpo", tracker, lambda: tracker.start("dpo", parent=task_run, tags=tags))
     fixed = {"max_steps": space.max_steps, "eval_steps": space.eval_steps, "batch_size": space.batch_size,
              "seed": cfg.seed, "model": cfg.model.name_or_path, "finetune": cfg.model.finetune,
              "loss_type": space.loss_type, "init_from_step": sft.selected.step}
@@ -110,6 +115,7 @@ def run_dpo(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, res
         space=space,
         storage_path=cfg.storage_path,
         callbacks=[runs],
-        metric=task.metric,
+        retries=cfg.trial_retries,
+        resume=resume,
     )
     return summarize("dpo", stage_run, grid, runs, task.metric, task.name, cfg.storage_path)

@@ -103,9 +103,14 @@ class Tracker:
             self.client.log_param(run_id, k, v)
 
     def metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-        for k, v in metrics.items():
-            if v is not None and math.isfinite(float(v)):
-                self.client.log_metric(run_id, k, float(v), step=step or 0)
+        """One batch, so a row is in MLflow whole or not at all (a resumed sweep relies on it)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                 if v is not None and math.isfinite(float(v))]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
 
     def tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)
