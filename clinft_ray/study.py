@@ -109,6 +109,7 @@ def run_study(study: Study) -> dict[str, Any]:
         raise
     finally:
         tracker.end_open(status)  # the study run, and any task, stage or trial run a failure left open
+        tracker.flush()  # writes held through an MLflow outage go in before the study returns
 
 
 def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tracker: Tracker, study_run: str,

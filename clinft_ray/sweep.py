@@ -440,7 +440,7 @@ def summarize(stage: str, stage_run: str, grid: Any, runs: Any, metric: str, tas
         stage=stage,
         run_id=stage_run,
         selected=best,
-        selected_run_id=runs.run_ids[best.trial],
+        selected_run_id=runs.run_id(best.trial),
         checkpoint=checkpoint_ref(best.checkpoint, storage),
         hparams=dict(best.payload.config),
         trials=len(grid),

@@ -14,21 +14,38 @@ hyperparameters, ids, paths and dataset fingerprints are logged: never prompts, 
 Ray's own `MLflowLoggerCallback` is not used because it logs every result key against Tune's
 iteration counter; here curves are keyed by optimizer step so SFT and DPO line up, and each trial run
 gets its stage's tags and its cost when it ends.
+
+A tracking server that goes away mid-study does not stop training. Every write goes through an
+ordered outbox: sent at once while MLflow answers; while it does not, held in memory (metrics keep
+the timestamp of the moment they were logged) and replayed in order by a background thread every few
+seconds until it answers again, so each value lands once. Trial runs started during an outage are
+created when it ends. Only the study's own boundaries wait for MLflow (a stage run it must know the
+id of, a read, the end of the study), saying so in the log once a minute. MLflow's own HTTP retries
+(minutes of blocking per call) are turned off for the process unless the user set
+MLFLOW_HTTP_REQUEST_MAX_RETRIES; the outbox retries instead.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import re
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ray.tune import Callback
 
 from clinft_ray.config import CostConfig
 
 METRIC_PREFIXES = ("train/", "eval/", "dev/", "rewards/", "logps/", "system/")
+RETRY_S = 3.0  # how often the outbox tries an unreachable tracking server again
+log = logging.getLogger("clinft")
+T = TypeVar("T")
 
 
 def redact_uri(uri: str) -> str:
@@ -60,8 +77,32 @@ def default_tracking_uri(output_dir: Path) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
+class PendingRun:
+    """A trial run asked for while MLflow was unreachable: it is created, and `id` set, when the
+    outbox gets to it. Tracker methods take it wherever they take a run id."""
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+
+
+RunRef = str | PendingRun
+
+
+def unreachable(error: BaseException) -> bool:
+    """True when a call failed because MLflow did not answer (refused, timed out, 5xx after
+    retries), as opposed to answering with an error. MLflow wraps transport failures as
+    `MlflowException("API request to ... failed ...")`; answers with an error are `RestException`."""
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(error, requests.exceptions.RequestException):
+        return True
+    return (isinstance(error, MlflowException) and not isinstance(error, RestException)
+            and str(error.message).startswith("API request to "))
+
+
 class Tracker:
-    """Creates the study's runs and logs to them by id."""
+    """Creates the study's runs and logs to them by id, through an outbox that rides out outages."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_dir: Path | None = None):
         """`artifact_dir`: where a new experiment keeps its artifacts when the store is a local
@@ -69,54 +110,174 @@ class Tracker:
         tracking server decides that itself."""
         from mlflow.tracking import MlflowClient
 
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the outbox retries, without blocking
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.open: list[str] = []  # runs started and not yet ended, oldest first
-        found = self.client.get_experiment_by_name(experiment)
+        self.open: list[RunRef] = []  # runs started and not yet ended, oldest first
+        self._ops: deque[tuple[str, tuple, dict]] = deque()  # writes not yet in MLflow, in order
+        self._lock = threading.RLock()
+        self._flusher: threading.Thread | None = None  # running while _ops holds writes MLflow refused
+        self._down_since: float | None = None
+        self._said = 0.0
+        self.refused: list[str] = []  # writes MLflow answered with an error during a replay (their error names)
+        found = self._wait(lambda: self.client.get_experiment_by_name(experiment))
         if found:
             self.experiment_id = found.experiment_id
         else:
             local = artifact_dir is not None and not tracking_uri.startswith(("http://", "https://", "databricks"))
             location = Path(artifact_dir).resolve().as_uri() if local else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            self.experiment_id = self._wait(lambda: self.client.create_experiment(experiment, artifact_location=location))
 
-    def start(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
-        """Create a run (nested under `parent` when given) and return its id."""
+    # -- the outbox ---------------------------------------------------------------------------
+
+    def _apply(self, op: tuple[str, tuple, dict]) -> None:
+        method, args, kwargs = op
+        if method == "create_run":
+            pending, *rest = args
+            pending.id = self.client.create_run(*rest, **kwargs).info.run_id
+            return
+        getattr(self.client, method)(*(a.id if isinstance(a, PendingRun) else a for a in args), **kwargs)
+
+    def _drain(self, replay: bool) -> bool:
+        """Send the queued writes in order; False (the rest kept) at the first one MLflow does not
+        answer. A write MLflow answers with an error is raised when sent directly, and recorded and
+        skipped on a replay (raising there would only kill the outbox)."""
+        while self._ops:
+            try:
+                self._apply(self._ops[0])
+            except Exception as e:
+                if unreachable(e):
+                    return False
+                if not replay:
+                    self._ops.popleft()
+                    raise
+                self.refused.append(type(e).__name__)
+            self._ops.popleft()
+        return True
+
+    def _send(self, method: str, *args: Any, **kwargs: Any) -> None:
+        with self._lock:
+            self._ops.append((method, args, kwargs))
+            if self._flusher is None and not self._drain(replay=False):
+                self._outage()
+                self._flusher = threading.Thread(target=self._replay, name="clinft-mlflow-outbox", daemon=True)
+                self._flusher.start()
+
+    def _replay(self) -> None:
+        while True:
+            time.sleep(RETRY_S)
+            with self._lock:
+                if self._drain(replay=True):
+                    self._flusher = None
+                    self._back()
+                    return
+                self._outage()
+
+    def _outage(self) -> None:
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        if now - self._said >= 60:
+            self._said = now
+            log.warning("MLflow at %s is not answering (for %.0f s): training goes on, %d writes held "
+                        "and sent when it answers", redact_uri(self.tracking_uri), now - self._down_since,
+                        len(self._ops))
+
+    def _back(self) -> None:
+        if self._down_since is not None:
+            log.warning("MLflow at %s answers again after %.0f s: held writes sent", redact_uri(self.tracking_uri),
+                        time.monotonic() - self._down_since)
+        self._down_since, self._said = None, 0.0
+
+    def flush(self) -> None:
+        """Wait until every write is in MLflow, however long an outage lasts (a line a minute)."""
+        while True:
+            with self._lock:
+                if not self._ops:
+                    return
+                self._outage()
+            time.sleep(RETRY_S / 3)
+
+    def _wait(self, call: Callable[[], T]) -> T:
+        """A call whose answer the study needs (a read, a run id): after every held write, and
+        waiting out an outage."""
+        self.flush()
+        while True:
+            try:
+                with self._lock:
+                    result = call()
+                self._back()
+                return result
+            except Exception as e:
+                if not unreachable(e):
+                    raise
+                with self._lock:
+                    self._outage()
+            time.sleep(RETRY_S)
+
+    def resolve(self, run: RunRef) -> str:
+        """The MLflow id of a run, waiting for the outbox to create it if MLflow was down."""
+        if isinstance(run, PendingRun):
+            self.flush()
+            assert run.id is not None
+            return run.id
+        return run
+
+    # -- runs and what goes in them -----------------------------------------------------------
+
+    def start(self, name: str, parent: RunRef | None = None, tags: dict[str, str] | None = None) -> str:
+        """Create a run (nested under `parent` when given) and return its id, waiting for MLflow."""
         all_tags = dict(tags or {})
         if parent:
-            all_tags["mlflow.parentRunId"] = parent
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
-        self.open.append(run.info.run_id)
-        return run.info.run_id
+            all_tags["mlflow.parentRunId"] = self.resolve(parent)
+        run_id = self._wait(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)).info.run_id
+        self.open.append(run_id)
+        return run_id
+
+    def start_later(self, name: str, parent: str, tags: dict[str, str]) -> RunRef:
+        """Create a run without waiting: its id now if MLflow answers, else a `PendingRun`."""
+        pending = PendingRun()
+        self._send("create_run", pending, self.experiment_id, run_name=name,
+                   tags={**tags, "mlflow.parentRunId": parent})
+        run: RunRef = pending.id or pending
+        self.open.append(run)
+        return run
 
     def reopen(self, run_id: str) -> None:
         """Continue a run of an interrupted study: RUNNING again, and ended with the rest."""
-        self.client.update_run(run_id, status="RUNNING")
+        self._send("update_run", run_id, status="RUNNING")
         if run_id not in self.open:
             self.open.append(run_id)
 
     def children(self, parent: str) -> list[Any]:
-        return self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=5000)
+        return self._wait(lambda: self.client.search_runs(
+            [self.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=5000))
 
-    def params(self, run_id: str, params: dict[str, Any]) -> None:
-        for k, v in params.items():
-            self.client.log_param(run_id, k, v)
+    def history(self, run_id: str, key: str) -> list[Any]:
+        return self._wait(lambda: self.client.get_metric_history(run_id, key))
 
-    def metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-        """One batch, so a row is in MLflow whole or not at all (a resumed sweep relies on it)."""
+    def params(self, run_id: RunRef, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self._send("log_batch", run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def metrics(self, run_id: RunRef, metrics: dict[str, float], step: int | None = None) -> None:
+        """One batch, so a row is in MLflow whole or not at all (a resumed sweep relies on it),
+        stamped now: a replay after an outage sends the same row, which MLflow keeps once."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
                  if v is not None and math.isfinite(float(v))]
         if batch:
-            self.client.log_batch(run_id, metrics=batch)
+            self._send("log_batch", run_id, metrics=batch)
 
-    def tag(self, run_id: str, key: str, value: str) -> None:
-        self.client.set_tag(run_id, key, value)
+    def tag(self, run_id: RunRef, key: str, value: str) -> None:
+        self._send("set_tag", run_id, key, value)
 
-    def end(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+    def end(self, run_id: RunRef, status: str = "FINISHED") -> None:
+        self._send("set_terminated", run_id, status=status, end_time=int(time.time() * 1000))
         if run_id in self.open:
             self.open.remove(run_id)
 
@@ -125,8 +286,8 @@ class Tracker:
         for run_id in reversed(list(self.open)):
             self.end(run_id, status)
 
-    def artifact(self, run_id: str, path: Path, folder: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path=folder)
+    def artifact(self, run_id: RunRef, path: Path, folder: str | None = None) -> None:
+        self._send("log_artifact", run_id, str(path), artifact_path=folder)
 
 
 def device_hours(resources: dict[str, float], seconds: float, prices: CostConfig) -> dict[str, float]:
@@ -158,7 +319,7 @@ class TrialRuns(Callback):
         self.before: dict[str, float] = {}  # trial id -> seconds its attempts before this process held the devices
         self.fixed_params = fixed_params
         self.tags = tags
-        self.run_ids: dict[str, str] = {}
+        self.run_ids: dict[str, RunRef] = {}  # a PendingRun for a trial started while MLflow was down
         self.hours: dict[str, dict[str, float]] = {}
         self.steps: dict[str, int] = {}  # trial id -> last step reported: totals are logged there, as the latest
         for run in tracker.children(stage_run):
@@ -169,8 +330,7 @@ class TrialRuns(Callback):
             self.before[trial_id] = run.data.metrics.get("wall_s", 0.0)
             # Rows up to here are in MLflow already; a trial resumed from an older checkpoint
             # reports some of them again, and they are not logged twice.
-            self.steps[trial_id] = max((m.step for m in tracker.client.get_metric_history(run.info.run_id, "wall_s")),
-                                       default=-1)
+            self.steps[trial_id] = max((m.step for m in tracker.history(run.info.run_id, "wall_s")), default=-1)
             if run.info.status != "RUNNING":  # ended before the interruption: Tune will not run it again
                 self.hours[trial_id] = {k: run.data.metrics.get(k, 0.0) for k in ("gpu_hours", "cpu_hours", "cost_usd")}
 
@@ -184,10 +344,15 @@ class TrialRuns(Callback):
             self.tracker.reopen(self.run_ids[trial.trial_id])
             self.hours.pop(trial.trial_id, None)
             return
-        run = self.tracker.start(str(trial), parent=self.stage_run,
-                                 tags={**self.tags, "clinft.trial": str(trial), "clinft.trial_id": trial.trial_id})
+        # Not waiting for MLflow: a trial starting during an outage trains, its run comes later.
+        run = self.tracker.start_later(str(trial), parent=self.stage_run,
+                                       tags={**self.tags, "clinft.trial": str(trial), "clinft.trial_id": trial.trial_id})
         self.tracker.params(run, {**trial.config, **self.fixed_params})
         self.run_ids[trial.trial_id] = run
+
+    def run_id(self, trial_id: str) -> str:
+        """The MLflow run id of a trial (waiting for MLflow if the run was started during an outage)."""
+        return self.tracker.resolve(self.run_ids[trial_id])
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         run = self.run_ids.get(trial.trial_id)
