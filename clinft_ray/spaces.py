@@ -11,6 +11,10 @@ A space file names its stage, the swept hyperparameters and the fixed training s
 A swept value is a plain number (fixed), `{grid: [...]}` (every value, crossed with the other grids),
 `{choice: [...]}` or `{loguniform: [low, high]}` (sampled `num_samples` times). `to_param_space()`
 turns it into the `param_space` of a Ray Tune `Tuner`.
+
+`scheduler: {asha: {grace_steps: 200, reduction_factor: 3}}` stops trials early with Ray Tune's
+`ASHAScheduler` on the dev score they report (`to_scheduler()`); without it every trial trains to
+`max_steps`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,22 @@ class LogUniform(_Strict):
         if not 0 < lo < hi:
             raise ValueError(f"loguniform [{lo}, {hi}] needs 0 < low < high")
         return self
+
+
+class Asha(_Strict):
+    """Ray Tune's asynchronous successive halving on the dev score, with the optimizer step as time.
+
+    Every trial trains `grace_steps`; then, at each rung (grace_steps x reduction_factor^k steps), a
+    trial whose dev score is below the best 1/reduction_factor of the trials that reached that rung
+    before it is stopped. A stopped trial keeps its checkpoints and can still be selected.
+    """
+
+    grace_steps: int = Field(gt=0, description="steps every trial trains before it may be stopped")
+    reduction_factor: float = Field(3.0, gt=1, description="keep the best 1/reduction_factor at each rung")
+
+
+class Scheduler(_Strict):
+    asha: Asha
 
 
 SWEEPS = {"grid": Grid, "choice": Choice, "loguniform": LogUniform}
@@ -89,11 +109,20 @@ class SearchSpace(_Strict):
     lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
     weight_decay: float = Field(0.0, ge=0)
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    scheduler: Scheduler | None = Field(None, description="early stopping; default: every trial to max_steps")
 
     @field_validator("learning_rate", "beta", mode="before")
     @classmethod
     def _sweep_form(cls, value: Any) -> Any:
         return _check_sweep(value)
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_form(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"a {type(value).__name__} is not a scheduler; write "
+                             "{asha: {grace_steps: N, reduction_factor: 3}}, or leave scheduler out")
+        return value
 
     @model_validator(mode="after")
     def _stage_fields(self) -> SearchSpace:
@@ -106,7 +135,18 @@ class SearchSpace(_Strict):
                 f"eval_steps {self.eval_steps} > max_steps {self.max_steps}: no checkpoint would be "
                 "scored; lower eval_steps"
             )
+        if self.scheduler is not None:
+            self._check_asha(self.scheduler.asha)
         return self
+
+    def _check_asha(self, asha: Asha) -> None:
+        if asha.grace_steps % self.eval_steps:
+            raise ValueError(f"scheduler.asha.grace_steps {asha.grace_steps} is not a multiple of eval_steps "
+                             f"{self.eval_steps}: trials are compared where they report a dev score; use "
+                             f"{max(self.eval_steps, asha.grace_steps // self.eval_steps * self.eval_steps)}")
+        if asha.grace_steps >= self.max_steps:
+            raise ValueError(f"scheduler.asha.grace_steps {asha.grace_steps} >= max_steps {self.max_steps}: no trial "
+                             "could stop early; lower grace_steps, or drop scheduler")
 
     def swept(self) -> dict[str, Param]:
         """The hyperparameters a trial receives in its Tune config."""
@@ -128,6 +168,17 @@ class SearchSpace(_Strict):
             return p
 
         return {k: one(v) for k, v in self.swept().items()}
+
+    def to_scheduler(self, metric: str) -> Any:
+        """The Tune scheduler: ASHA on `dev/<metric>` (higher is better) with the optimizer step as
+        time, or None (Tune's FIFO: every trial to max_steps)."""
+        if self.scheduler is None:
+            return None
+        from ray.tune.schedulers import ASHAScheduler
+
+        asha = self.scheduler.asha
+        return ASHAScheduler(time_attr="step", metric=f"dev/{metric}", mode="max", max_t=self.max_steps,
+                             grace_period=asha.grace_steps, reduction_factor=asha.reduction_factor)
 
     def num_trials(self) -> int:
         """Trials Tune will run: the product of the grids, times `num_samples`."""

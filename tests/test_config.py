@@ -182,6 +182,45 @@ def test_space_unknown_key_says_did_you_mean(tmp_path):
     assert "learning_rat: unknown key; did you mean 'learning_rate'?" in space_problems(tmp_path, text, "sft")
 
 
+ASHA_SPACE = "stage: sft\nlearning_rate: {grid: [1.0e-5, 1.0e-6]}\nmax_steps: 100\neval_steps: 10\n"
+
+
+def test_asha_scheduler_builds_rays_asha_on_the_dev_metric_by_step(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(ASHA_SPACE + "scheduler: {asha: {grace_steps: 20, reduction_factor: 3}}\n")
+    from ray.tune.schedulers import ASHAScheduler
+
+    sched = load_space(path, "sft").to_scheduler("f1")
+    assert isinstance(sched, ASHAScheduler)
+    assert (sched._metric, sched._mode, sched._time_attr, sched._max_t) == ("dev/f1", "max", "step", 100)
+    # rungs at grace_steps x reduction_factor^k below max_steps: 20 and 60 (180 > 100)
+    assert sorted(m for m, _ in sched._brackets[0]._rungs) == [20, 60]
+
+
+def test_no_scheduler_means_every_trial_to_max_steps(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(ASHA_SPACE)
+    assert load_space(path, "sft").to_scheduler("f1") is None
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("scheduler: {asha: {grace_steps: 25}}",
+     "(top level): scheduler.asha.grace_steps 25 is not a multiple of eval_steps 10: trials are compared where they "
+     "report a dev score; use 20"),
+    ("scheduler: {asha: {grace_steps: 100}}",
+     "(top level): scheduler.asha.grace_steps 100 >= max_steps 100: no trial could stop early; lower grace_steps, "
+     "or drop scheduler"),
+    ("scheduler: {asha: {grace_steps: 20, reduction_factor: 1}}",
+     "scheduler.asha.reduction_factor: Input should be greater than 1"),
+    ("scheduler: {asha: {grace_step: 20}}", "scheduler.asha.grace_step: unknown key; did you mean 'grace_steps'?"),
+    ("scheduler: {ashaa: {grace_steps: 20}}", "scheduler.ashaa: unknown key; did you mean 'asha'?"),
+    ("scheduler: asha", "scheduler: a str is not a scheduler; write {asha: {grace_steps: N, reduction_factor: 3}}, "
+     "or leave scheduler out"),
+])
+def test_bad_scheduler_is_one_line_naming_the_fix(tmp_path, line, message):
+    assert message in space_problems(tmp_path, ASHA_SPACE + line + "\n", "sft")
+
+
 def test_num_trials_of_the_paper_grids():
     """SFT: 4 learning rates = 4 trials; DPO: 4 learning rates x 3 betas = 12 trials."""
     assert load_space(SPACES / "paper_sft.yaml", "sft").num_trials() == 4
