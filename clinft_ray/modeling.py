@@ -96,22 +96,46 @@ def write_manifest(folder: str | Path, cfg: ModelConfig, *, parent: str | None, 
 
     `parent` is what a LoRA adapter must be stacked on to load; `init_from` records the checkpoint
     the training started from (None: the base model), whatever the fine-tuning mode. The manifest is
-    written last: a folder without it is incomplete and is never loaded.
+    written last and lists every file with its size: a folder without it, or whose files do not
+    match it (a copy to storage cut off by a kill, in whatever order the files went), is incomplete
+    and is never loaded (`incomplete`).
     """
     out = Path(folder)
+    files = {str(f.relative_to(out)): f.stat().st_size for f in sorted(out.rglob("*")) if f.is_file()}
     manifest = {"finetune": cfg.finetune, "base_model": cfg.name_or_path, "parent": parent, "init_from": init_from,
-                "step": step}
+                "step": step, "files": files}
     part = out / f"{MANIFEST}.part"
     part.write_text(json.dumps(manifest, indent=1))
     part.rename(out / MANIFEST)
     return out
 
 
+def incomplete(path: str, filesystem: Any = None) -> str | None:
+    """Why the checkpoint folder at `path` cannot be loaded (no manifest, a file missing or cut
+    short), or None when it is whole. `filesystem`: the pyarrow filesystem it is on (a Ray
+    `Checkpoint`'s), else `path` is a local path or a URI."""
+    import pyarrow.fs as pafs
+
+    if filesystem is None:
+        filesystem, path = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    path = path.rstrip("/")
+    if filesystem.get_file_info(f"{path}/{MANIFEST}").type != pafs.FileType.File:
+        return f"no {MANIFEST}"
+    with filesystem.open_input_stream(f"{path}/{MANIFEST}") as f:
+        files = json.loads(f.read()).get("files", {})
+    infos = filesystem.get_file_info([f"{path}/{name}" for name in files])
+    for (name, size), info in zip(files.items(), infos, strict=True):
+        if info.type != pafs.FileType.File or info.size != size:
+            return f"{name} is missing or cut short"
+    return None
+
+
 def read_manifest(ckpt: Path) -> dict[str, Any]:
-    path = ckpt / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{ckpt} has no {MANIFEST}: not a complete clinft-ray checkpoint")
-    return json.loads(path.read_text())
+    why = incomplete(str(ckpt))
+    if why:
+        raise FileNotFoundError(f"{ckpt} is not a complete clinft-ray checkpoint ({why}); select another or "
+                                "run the stage again")
+    return json.loads((ckpt / MANIFEST).read_text())
 
 
 def has_chat_template(tokenizer: Any) -> bool:

@@ -93,5 +93,6 @@ def run_sft(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, res
         callbacks=[runs],
         retries=cfg.trial_retries,
         resume=resume,
+        metric=task.metric,
     )
     return summarize("sft", stage_run, grid, runs, task.metric, task.name, cfg.storage_path)

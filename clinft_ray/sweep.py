@@ -30,11 +30,13 @@ from typing import Any
 from transformers import TrainerCallback
 
 from clinft_ray.evaluate import Scored
-from clinft_ray.modeling import checkpoint_ref
+from clinft_ray.modeling import checkpoint_ref, incomplete
 from clinft_ray.preflight import DRIVER_CPUS, TrialResources
 from clinft_ray.selection import Candidate, select_best
 from clinft_ray.spaces import SearchSpace
 from clinft_ray.tracking import error_kind
+
+log = logging.getLogger("clinft")
 
 
 def quiet_libraries() -> None:
@@ -228,9 +230,9 @@ class DevReport(TrainerCallback):
         if not self.reporter.is_chief:
             self.reporter.report(row)
             return
-        self.manifest(folder, state.global_step)
         with open(os.path.join(folder, DEV_STATE), "w") as f:
             json.dump({"best": self.best}, f)
+        self.manifest(folder, state.global_step)  # last: it lists the files above
         self.reporter.report(row, folder)
         shutil.rmtree(folder, ignore_errors=True)  # Tune has its copy in storage
 
@@ -239,15 +241,38 @@ DEV_STATE = "clinft_dev.json"
 
 
 def resume_point(reporter: Reporter) -> tuple[str | None, float]:
-    """Where a trial continues from: (the latest checkpoint as a local folder, the best dev so far),
-    or (None, -inf) for a fresh trial. The folder lives until the trial's process ends."""
-    checkpoint = reporter.checkpoint()
+    """Where a trial continues from: (its newest whole checkpoint as a local folder, the best dev so
+    far), or (None, -inf) for a fresh trial. The folder lives until the trial's process ends."""
+    import pyarrow.fs as pafs
+
+    checkpoint = newest_whole(reporter.checkpoint())
     if checkpoint is None:
         return None, -math.inf
-    folder = checkpoint.to_directory() if "://" in str(getattr(checkpoint, "path", "")) else checkpoint.path
+    local = isinstance(checkpoint.filesystem, pafs.LocalFileSystem)
+    folder = checkpoint.path if local else checkpoint.to_directory()
     state = Path(folder) / DEV_STATE
     best = json.loads(state.read_text())["best"] if state.is_file() else -math.inf
     return str(folder), best
+
+
+def newest_whole(checkpoint: Any) -> Any:
+    """`checkpoint` if it is whole, else the newest whole one beside it in the trial's folder (a
+    kill can leave the latest one cut short), else None."""
+    import pyarrow.fs as pafs
+    from ray.tune import Checkpoint
+
+    if checkpoint is None or incomplete(checkpoint.path, checkpoint.filesystem) is None:
+        return checkpoint
+    fs, broken = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    siblings = fs.get_file_info(pafs.FileSelector(broken.rsplit("/", 1)[0]))
+    for path in sorted((i.path for i in siblings if i.type == pafs.FileType.Directory
+                        and i.base_name.startswith("checkpoint_") and i.path != broken), reverse=True):
+        if incomplete(path, fs) is None:
+            log.warning("checkpoint %s is incomplete (%s): going on from %s", broken,
+                        incomplete(broken, fs), path)
+            return Checkpoint(path, filesystem=fs)
+    log.warning("checkpoint %s is incomplete and no whole one is left: the trial starts over", broken)
+    return None
 
 
 def trial_name(prefix: str) -> Callable[[Any], str]:
@@ -295,9 +320,13 @@ def trainable(train: Callable[[dict[str, Any], Reporter], None], resources: Tria
 
 
 def run_sweep(trainable: Any, *, name: str, space: SearchSpace, storage_path: str, callbacks: list,
-              retries: int, resume: bool) -> Any:
+              retries: int, resume: bool, metric: str) -> Any:
     """Run one stage's trials with Ray Tune; returns the `ResultGrid`. `storage_path` is an absolute
     folder or a URI (the study resolves it); `trainable` comes from `trainable()`.
+
+    With the space's `scheduler: {asha: ...}`, Ray's ASHA stops trials early on `dev/<metric>`; a
+    stopped trial ends TERMINATED like a finished one (its MLflow run FINISHED) and its best
+    checkpoint stays a candidate.
 
     A trial that fails is retried `retries` times from its latest checkpoint. With `resume` (the
     study is continuing after an interruption) a sweep Tune had started is restored: finished trials
@@ -318,6 +347,7 @@ def run_sweep(trainable: Any, *, name: str, space: SearchSpace, storage_path: st
         param_space=space.to_param_space(),
         tune_config=tune.TuneConfig(
             num_samples=space.num_samples,
+            scheduler=space.to_scheduler(metric),
             trial_name_creator=names,
             trial_dirname_creator=names,
         ),
@@ -346,12 +376,20 @@ def candidates(grid: Any, metric: str) -> list[Candidate]:
         col = f"dev/{metric}"
         if df is None or col not in df:
             continue
-        best = df.dropna(subset=[col]).sort_values([col, "step"], ascending=[False, True]).iloc[0]
-        step = int(best["step"])
-        path = best.get("checkpoint_path") if "checkpoint_path" in df else None
-        if not isinstance(path, str):
-            kept = [c for c, m in (result.best_checkpoints or []) if int(m.get("step", -1)) == step]
-            path = kept[0].path if kept else None
+        path = None
+        # The trial's best row whose checkpoint is whole (one cut short by a kill is never loaded).
+        for _, best in df.dropna(subset=[col]).sort_values([col, "step"], ascending=[False, True]).iterrows():
+            step = int(best["step"])
+            path = best.get("checkpoint_path") if "checkpoint_path" in df else None
+            if isinstance(path, str):
+                if not os.path.isdir(path) or incomplete(path) is None:  # checked where it is a local folder
+                    break
+                path = None
+            kept = [c for c, m in (result.best_checkpoints or []) if int(m.get("step", -1)) == step
+                    and incomplete(c.path, c.filesystem) is None]
+            if kept:
+                path = kept[0].path
+                break
         if path is None:
             continue
         trial = result.metrics["trial_id"]

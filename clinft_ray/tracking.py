@@ -129,6 +129,16 @@ class Tracker:
             location = Path(artifact_dir).resolve().as_uri() if local else None
             self.experiment_id = self._wait(lambda: self.client.create_experiment(experiment, artifact_location=location))
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks (and this with them) into the experiment state; a restored
+        # sweep gets a fresh TrialRuns, so the copy needs no lock, thread or held writes.
+        state = dict(self.__dict__)
+        state.update(_lock=None, _flusher=None, _ops=deque())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.RLock())
+
     # -- the outbox ---------------------------------------------------------------------------
 
     def _apply(self, op: tuple[str, tuple, dict]) -> None:

@@ -55,30 +55,54 @@ def test_cli_reports_the_failure_in_one_line(broken_study):
     assert len(errors) == 1 and "every sft trial of task uti failed" in errors[0] and "Traceback" not in res.stderr
 
 
-def test_ctrl_c_stops_the_study_and_marks_runs_killed(demo_dir, tmp_path):
+def test_ctrl_c_stops_the_study_marks_runs_killed_and_a_rerun_resumes(demo_dir, tmp_path):
     """SIGINT while the SFT sweep runs: exit 130, no selection from a half-run sweep, no results.json,
-    and every MLflow run ended (the interrupted trials and the stages above them KILLED)."""
+    and every MLflow run ended (the interrupted trials and the stages above them KILLED). The same
+    command again goes on where it stopped: the trials continue from their checkpoints in the same
+    MLflow runs, which end FINISHED."""
+    import json
     import signal
     import time
 
     for sub in ("data", "model", "tune_spaces"):
         shutil.copytree(demo_dir / sub, tmp_path / sub)
     shutil.copyfile(demo_dir / "study.yaml", tmp_path / "study.yaml")
-    slow = {**SFT, "learning_rate": {"grid": [1.0e-3, 1.0e-4]}, "max_steps": 400, "eval_steps": 5}
-    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(slow))
-    proc = subprocess.Popen([sys.executable, "-m", "clinft_ray.cli", "run", str(tmp_path / "study.yaml"),
-                             "--set", "sft.space=sft.yaml", "--set", "ray.num_cpus=2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump({**SFT, "max_steps": 60, "eval_steps": 10}))
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump({"stage": "dpo", "learning_rate": {"grid": [1.0e-3]},
+                                                       "beta": {"grid": [0.1]}, "max_steps": 4, "eval_steps": 2,
+                                                       "batch_size": 8}))
+    command = [sys.executable, "-m", "clinft_ray.cli", "run", str(tmp_path / "study.yaml"),
+               "--set", "sft.space=sft.yaml", "--set", "dpo.space=dpo.yaml", "--set", "ray.num_cpus=2"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
-    while not list((tmp_path / "ray" / "uti-sft").glob("*/checkpoint_*")) and time.monotonic() < deadline:
-        time.sleep(1)  # wait until the trials have reported at least once
+    # wait until Tune has taken a trial's first checkpoint (its row is in the trial's result.json)
+    while not any(f.stat().st_size for f in (tmp_path / "ray" / "uti-sft").glob("*/result.json")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 130, err[-2000:]
     assert not (tmp_path / "results.json").exists()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("uti-demo").experiment_id])
+    experiment = client.get_experiment_by_name("uti-demo").experiment_id
+    runs = client.search_runs([experiment])
     status = {r.info.run_name: r.info.status for r in runs}
     assert "RUNNING" not in status.values()
     assert status["uti-demo"] == status["uti"] == status["sft"] == "KILLED"
     assert "dpo" not in status
+    killed = {r.info.run_id for r in runs if r.info.status == "KILLED"}
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "going on where it stopped" in rerun.stderr
+    assert json.loads((tmp_path / "results.json").read_text())["tasks"]["uti"]["stages"]["dpo"]["selected"]
+    runs = client.search_runs([experiment], max_results=100)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert killed <= {r.info.run_id for r in runs}  # the interrupted runs were continued, not duplicated
+    trials = [r for r in runs if "clinft.trial" in r.data.tags]
+    assert len(trials) == 2 + 1 and len({r.data.tags["clinft.trial_id"] for r in trials}) == 3
+    rows = [json.loads(line) for f in (tmp_path / "ray" / "uti-sft").glob("*/result.json")
+            for line in f.read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 60
+    resumed = [r for r in rows if r.get("iterations_since_restore") == 1 and r["step"] > 10]
+    assert resumed, "the interrupted trials started over instead of going on from their checkpoints"

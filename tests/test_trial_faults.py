@@ -1,5 +1,6 @@
-"""Faults inside a sweep: a trial whose process dies is retried from its latest checkpoint, and a trial
-whose loss goes non-finite stops at once with the reason recorded, while the study goes on."""
+"""Faults inside a sweep: a trial whose process dies is retried from its latest whole checkpoint (the
+newest one, cut short by the kill, is passed over), and a trial whose loss goes non-finite stops at
+once with the reason recorded, while the study goes on."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from clinft_ray.config import load_study
+from clinft_ray.modeling import MANIFEST, incomplete
 from clinft_ray.study import run_study
 
 pytestmark = pytest.mark.slow
@@ -27,10 +29,12 @@ DPO = {"stage": "dpo", "learning_rate": {"grid": [1.0e-3]}, "beta": {"grid": [0.
 
 
 def _kill_trial_once(storage: Path, deadline: float) -> list[int]:
-    """SIGKILL the process of the lr 1e-2 SFT trial once it has a checkpoint, as a preempted node would."""
-    killed: list[int] = []
-    while time.monotonic() < deadline and not killed:
-        if list(storage.glob("uti-sft/uti-sft-lr1e-02-*/checkpoint_*")):
+    """SIGKILL the process of the lr 1e-2 SFT trial once it has two checkpoints, as a preempted node
+    would, and cut its newest checkpoint short as a kill in the middle of a copy would. Returns the
+    step of the broken checkpoint."""
+    while time.monotonic() < deadline:
+        found = sorted(storage.glob("uti-sft/uti-sft-lr1e-02-*/checkpoint_*"))
+        if len(found) >= 2 and (found[-1] / MANIFEST).is_file():
             for proc in psutil.process_iter(["pid", "cmdline"]):
                 if "ImplicitFunc" not in " ".join(proc.info["cmdline"] or []):
                     continue
@@ -40,10 +44,13 @@ def _kill_trial_once(storage: Path, deadline: float) -> list[int]:
                     continue
                 if mine:
                     os.kill(proc.info["pid"], signal.SIGKILL)
-                    killed.append(proc.info["pid"])
-                    break
-        time.sleep(0.5)
-    return killed
+                    newest = found[-1]
+                    weights = max((f for f in newest.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+                    with weights.open("r+b") as f:
+                        f.truncate(weights.stat().st_size // 2)
+                    return [json.loads((newest / MANIFEST).read_text())["step"]]
+        time.sleep(0.2)
+    return []
 
 
 def test_trial_retried_from_checkpoint_and_nan_trial_stopped(demo_dir, ray_session, tmp_path):
@@ -52,7 +59,7 @@ def test_trial_retried_from_checkpoint_and_nan_trial_stopped(demo_dir, ray_sessi
     study = load_study(demo_dir / "study.yaml", [f"sft.space={tmp_path / 'sft.yaml'}",
                                                  f"dpo.space={tmp_path / 'dpo.yaml'}", "trial_retries=1"],
                        output_dir=str(tmp_path / "out"))
-    killed: list[int] = []
+    killed: list[int] = []  # the step of the checkpoint the kill broke
     killer = threading.Thread(target=lambda: killed.extend(_kill_trial_once(tmp_path / "out" / "ray",
                                                                             time.monotonic() + 600)))
     killer.start()
@@ -79,6 +86,10 @@ def test_trial_retried_from_checkpoint_and_nan_trial_stopped(demo_dir, ray_sessi
     assert sorted(steps) == [10, 20, 30, 40]
     trial_dir = next((tmp_path / "out" / "ray" / "uti-sft").glob("uti-sft-lr1e-02-*"))
     rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
-    assert any(r.get("iterations_since_restore") == 1 and r["step"] > 10 for r in rows)  # resumed, not restarted
+    resumed = [r["step"] for r in rows if r.get("iterations_since_restore") == 1 and r["step"] > 10]
+    assert resumed, "the retry started over instead of going on from a checkpoint"
+    # it went on from a whole checkpoint before the broken one: the broken step was trained again
+    assert resumed[-1] <= killed[0]
+    assert incomplete(results["tasks"]["uti"]["stages"]["sft"]["checkpoint"]) is None  # selection passed it over too
     # the failed attempt's device time is billed once: the run's wall time covers both attempts
     assert ok.data.metrics["wall_s"] >= sum(r["time_this_iter_s"] for r in rows) * 0.5
