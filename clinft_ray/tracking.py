@@ -149,40 +149,51 @@ class Tracker:
             return
         getattr(self.client, method)(*(a.id if isinstance(a, PendingRun) else a for a in args), **kwargs)
 
-    def _drain(self, replay: bool) -> bool:
-        """Send the queued writes in order; False (the rest kept) at the first one MLflow does not
-        answer. A write MLflow answers with an error is raised when sent directly, and recorded and
-        skipped on a replay (raising there would only kill the outbox)."""
+    def _drain(self) -> bool:
+        """Send the queued writes in order while MLflow answers (no replay running); False, the rest
+        kept, at the first one it does not answer. A write it answers with an error is raised."""
         while self._ops:
             try:
                 self._apply(self._ops[0])
             except Exception as e:
                 if unreachable(e):
                     return False
-                if not replay:
-                    self._ops.popleft()
-                    raise
-                self.refused.append(type(e).__name__)
+                self._ops.popleft()
+                raise
             self._ops.popleft()
         return True
 
     def _send(self, method: str, *args: Any, **kwargs: Any) -> None:
         with self._lock:
             self._ops.append((method, args, kwargs))
-            if self._flusher is None and not self._drain(replay=False):
+            if self._flusher is None and not self._drain():
                 self._outage()
                 self._flusher = threading.Thread(target=self._replay, name="clinft-mlflow-outbox", daemon=True)
                 self._flusher.start()
 
     def _replay(self) -> None:
+        """The outbox thread: every RETRY_S, the held writes in order, until none is left. Each is
+        sent outside the lock, so a server that hangs does not hold up the study; a write MLflow
+        answers with an error is recorded in `refused` and skipped (raising would only stop this)."""
         while True:
             time.sleep(RETRY_S)
-            with self._lock:
-                if self._drain(replay=True):
-                    self._flusher = None
-                    self._back()
-                    return
-                self._outage()
+            while True:
+                with self._lock:
+                    if not self._ops:
+                        self._flusher = None
+                        self._back()
+                        return
+                    op = self._ops[0]
+                try:
+                    self._apply(op)
+                except Exception as e:
+                    if unreachable(e):
+                        with self._lock:
+                            self._outage()
+                        break
+                    self.refused.append(type(e).__name__)
+                with self._lock:
+                    self._ops.popleft()
 
     def _outage(self) -> None:
         now = time.monotonic()
