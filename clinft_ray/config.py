@@ -265,6 +265,8 @@ class MlflowConfig(_Strict):
     tracking_uri: str | None = None
     experiment: str | None = None
     log_examples: int = Field(0, ge=0, description="opt in: log the first N test answers per stage (may be PHI)")
+    outage_wait_s: float = Field(600, ge=0, description="at the end of a study, how long to wait for a tracking "
+                                 "server that does not answer before saving the writes held for it")
 
 
 class RayConfig(_Strict):

@@ -29,9 +29,9 @@ from clinft_ray.progress import Progress, scored_from_json, scored_to_json, stag
 from clinft_ray.report import write_outputs
 from clinft_ray.sft import run_sft
 from clinft_ray.stats import bonferroni_threshold, mcnemar, paired_t
-from clinft_ray.sweep import StageResult
+from clinft_ray.sweep import StageResult, StudyError
 from clinft_ray.tasks import load_task_split
-from clinft_ray.tracking import Tracker, default_tracking_uri, device_hours, redact_uri
+from clinft_ray.tracking import OUTBOX_FILE, Tracker, default_tracking_uri, device_hours, redact_uri
 
 log = logging.getLogger("clinft")
 PAIRS = (("base", "sft"), ("sft", "dpo"), ("base", "dpo"))
@@ -56,17 +56,22 @@ def run_study(study: Study) -> dict[str, Any]:
     data = check_data(study)  # every split checked before any compute
     key = study_fingerprint(study)
     done = finished(study, key)
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.output_dir)
+    held = cfg.output_dir / OUTBOX_FILE  # MLflow writes an earlier run could not send
     if done is not None:
         log.info("study %s already finished in %s with this config; nothing to train (results.json is kept)",
                  cfg.study, cfg.output_dir)
+        if held.is_file():
+            check_tracking(uri)
+            Tracker(uri, cfg.mlflow.experiment or cfg.study).send_saved(held)
         return done
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.output_dir)
     check_tracking(uri)  # seconds, before Ray starts: a dead server is reported before anything runs
     check_storage(cfg.storage_path)
     progress = Progress(cfg.output_dir / "progress.json", cfg.study, key)
     resources = start_ray(study)
     tracker = Tracker(uri, cfg.mlflow.experiment or cfg.study, artifact_dir=cfg.output_dir / "mlartifacts")
+    tracker.send_saved(held)
     if progress.resumed:
         log.info("study %s was interrupted in %s: going on where it stopped", cfg.study, cfg.output_dir)
     study_run = progress.run("study", tracker, lambda: tracker.start(cfg.study, tags={"clinft.kind": "study"}))
@@ -109,7 +114,21 @@ def run_study(study: Study) -> dict[str, Any]:
         raise
     finally:
         tracker.end_open(status)  # the study run, and any task, stage or trial run a failure left open
-        tracker.flush()  # writes held through an MLflow outage go in before the study returns
+        send_or_save(tracker, held, cfg.mlflow.outage_wait_s if status == "FINISHED" else 0.0)
+
+
+def send_or_save(tracker: Tracker, held: Path, wait_s: float) -> None:
+    """Writes held through an MLflow outage go in before the study returns. If the server is still
+    down after `wait_s` they are saved for the next run, and a study that finished says so as its
+    error (exit 1; its results are written): a stopped or failed one keeps its own error."""
+    if tracker.flush(wait_s):
+        return
+    n = tracker.save_held(held)
+    message = (f"MLflow at {redact_uri(tracker.tracking_uri)} did not answer for {wait_s:.0f} s: {n} writes for it "
+               f"are saved in {held}; run the same command again once it answers to send them")
+    if wait_s > 0:
+        raise StudyError(f"the study finished (results in {held.parent}), but {message}")
+    log.warning(message)
 
 
 def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tracker: Tracker, study_run: str,

@@ -20,7 +20,9 @@ ordered outbox: sent at once while MLflow answers; while it does not, held in me
 the timestamp of the moment they were logged) and replayed in order by a background thread every few
 seconds until it answers again, so each value lands once. Trial runs started during an outage are
 created when it ends. Only the study's own boundaries wait for MLflow (a stage run it must know the
-id of, a read, the end of the study), saying so in the log once a minute. MLflow's own HTTP retries
+id of, a read, the end of the study), saying so in the log once a minute. If it is still down when
+the study ends (after `mlflow.outage_wait_s`), or the study is stopped, the held writes are saved to
+OUTPUT_DIR/mlflow-outbox.pkl and the next `clinft run` of the study sends them first. MLflow's own HTTP retries
 (minutes of blocking per call) are turned off for the process unless the user set
 MLFLOW_HTTP_REQUEST_MAX_RETRIES; the outbox retries instead.
 """
@@ -44,6 +46,7 @@ from clinft_ray.config import CostConfig
 
 METRIC_PREFIXES = ("train/", "eval/", "dev/", "rewards/", "logps/", "system/")
 RETRY_S = 3.0  # how often the outbox tries an unreachable tracking server again
+OUTBOX_FILE = "mlflow-outbox.pkl"  # in the output directory: writes a stopped study could not send
 log = logging.getLogger("clinft")
 T = TypeVar("T")
 
@@ -193,7 +196,8 @@ class Tracker:
                         break
                     self.refused.append(type(e).__name__)
                 with self._lock:
-                    self._ops.popleft()
+                    if self._ops and self._ops[0] is op:  # not moved to a file meanwhile (save_held)
+                        self._ops.popleft()
 
     def _outage(self) -> None:
         now = time.monotonic()
@@ -211,14 +215,49 @@ class Tracker:
                         time.monotonic() - self._down_since)
         self._down_since, self._said = None, 0.0
 
-    def flush(self) -> None:
-        """Wait until every write is in MLflow, however long an outage lasts (a line a minute)."""
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every write is in MLflow (a line a minute while it is down); False if some are
+        still held after `timeout` seconds (None: however long an outage lasts)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
                 if not self._ops:
-                    return
+                    return True
                 self._outage()
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
             time.sleep(RETRY_S / 3)
+
+    def save_held(self, path: Path) -> int:
+        """Move the writes still held to `path` (whole or not at all) for `send_saved` in a later
+        process; returns how many. This tracker sends them no more, so none lands twice. Ids, names,
+        numbers and paths only, like everything sent."""
+        import pickle
+
+        with self._lock:
+            ops = list(self._ops)
+            part = path.with_name(f"{path.name}.part")
+            part.write_bytes(pickle.dumps(ops))
+            part.replace(path)
+            self._ops.clear()
+        return len(ops)
+
+    def send_saved(self, path: Path) -> None:
+        """Send, before anything new, the writes an earlier process saved with `save_held` (a file in
+        the study's own output directory); the file goes once they are all in MLflow."""
+        import pickle
+
+        if not path.is_file():
+            return
+        ops = pickle.loads(path.read_bytes())  # noqa: S301 - written by save_held into this study's folder
+        log.info("sending %d MLflow writes held by the last run of this study", len(ops))
+        with self._lock:
+            self._ops.extendleft(reversed(ops))
+            if self._flusher is None and not self._drain():
+                self._flusher = threading.Thread(target=self._replay, name="clinft-mlflow-outbox", daemon=True)
+                self._flusher.start()
+        self.flush()
+        path.unlink()
 
     def _wait(self, call: Callable[[], T]) -> T:
         """A call whose answer the study needs (a read, a run id): after every held write, and

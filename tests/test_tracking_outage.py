@@ -53,6 +53,33 @@ def test_writes_are_held_while_the_server_is_down_and_sent_once_when_it_is_back(
         server.stop()
 
 
+def test_writes_still_held_at_the_end_are_saved_and_sent_by_the_next_process(tmp_path):
+    server = MlflowServer(tmp_path).start()
+    try:
+        tracker = Tracker(server.url, "saved")
+        stage = tracker.start("sft")
+        server.stop()
+        trial = tracker.start_later("trial-0", parent=stage, tags={"clinft.trial_id": "t0"})
+        tracker.metrics(trial, {"eval/loss": 0.25}, step=10)
+        tracker.end(trial)
+        tracker.end(stage, "KILLED")
+        assert tracker.flush(timeout=1) is False  # still down: the study would stop here
+        assert tracker.save_held(tmp_path / "outbox.pkl") == 4
+        del tracker
+
+        server.start()
+        later = Tracker(server.url, "saved")  # the next `clinft run` of the study
+        later.send_saved(tmp_path / "outbox.pkl")
+        assert not (tmp_path / "outbox.pkl").exists()
+        client = MlflowClient(server.url)
+        (run,) = client.search_runs([later.experiment_id], "tags.clinft.trial_id = 't0'")
+        assert run.data.tags["mlflow.parentRunId"] == stage and run.info.status == "FINISHED"
+        assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/loss")] == [(10, 0.25)]
+        assert client.get_run(stage).info.status == "KILLED"
+    finally:
+        server.stop()
+
+
 @pytest.mark.slow
 def test_a_study_trains_through_a_30_s_outage_and_mlflow_ends_complete(demo_dir, ray_session, tmp_path):
     from clinft_ray.config import load_study
