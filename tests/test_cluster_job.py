@@ -41,7 +41,12 @@ def cluster():
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}", "--disable-usage-stats"],
+         "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}", "--disable-usage-stats",
+         # Ray's fixed default ports (the job agent's 52365, ...) are taken while the test session's
+         # local Ray runs: the head's job agent would fail to bind and no job could be submitted.
+         *(f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "metrics-export-port", "runtime-env-agent-port",
+                                                   "ray-client-server-port"))],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
@@ -51,6 +56,12 @@ def cluster():
             assert head.poll() is None, "ray start --head exited"
             assert time.monotonic() < deadline, "the head node's job API did not come up in 120 s"
             time.sleep(2)
+        # The job API answers before the head's job agent takes jobs ("No available agent to submit
+        # job"): wait until a trivial job is taken.
+        deadline = time.monotonic() + 180
+        while _ray(["job", "submit", "--address", address, "--no-wait", "--", "true"], env, check=False).returncode:
+            assert time.monotonic() < deadline, "the head node's job agent took no job in 180 s"
+            time.sleep(3)
         yield address, env
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops the processes it started
@@ -68,15 +79,11 @@ def _ray(args: list[str], env: dict[str, str], check: bool = True, timeout: floa
 
 def _submit(address: str, env: dict[str, str], out: Path, submission_id: str) -> bool:
     """`ray job submit` exactly as the README gives it, waiting for the end; True if the job succeeded."""
-    for _ in range(3):
-        submitted = _ray(["job", "submit", "--address", address, "--submission-id", submission_id, "--working-dir",
-                          ".", "--runtime-env", "jobs/runtime_env.yaml", "--", "python", "jobs/study.py", "demo",
-                          "--out", str(out)], env, check=False, timeout=1200)
-        status = _ray(["job", "status", "--address", address, submission_id], env, check=False)
-        if status.returncode == 0:  # the job exists, so it ran
-            break
-        time.sleep(10)  # the head took no job yet (its job agent still starting on a loaded machine): again
-    assert status.returncode == 0, f"ray job submit was refused: {submitted.stdout[-1500:]} {submitted.stderr[-1500:]}"
+    submitted = _ray(["job", "submit", "--address", address, "--submission-id", submission_id, "--working-dir", ".",
+                      "--runtime-env", "jobs/runtime_env.yaml", "--", "python", "jobs/study.py", "demo", "--out",
+                      str(out)], env, check=False, timeout=1200)
+    status = _ray(["job", "status", "--address", address, submission_id], env, check=False)
+    assert status.returncode == 0, f"ray job submit was refused: {submitted.stderr[-1500:]}"
     return f"'{submission_id}' succeeded" in status.stdout
 
 
