@@ -1,6 +1,6 @@
 """What a sweep costs: the paper's protocol against clinft-ray's default, on the demo task, measured.
 
-    python benchmarks/sweep_cost.py          # SFT stage on CPU: about 6 minutes on 2 idle cores
+    python benchmarks/sweep_cost.py          # SFT stage on CPU: about 3 minutes on 2 idle cores
 
 Both arms sweep the demo's SFT grid (learning rates 1e-2 ... 1e-5, `tune_spaces/demo_sft.yaml`) on the
 demo's UTI-vs-pyuria task and tiny model (`clinft_ray.demo.prepare_demo`), with clinft-ray's own

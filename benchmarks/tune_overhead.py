@@ -1,6 +1,6 @@
 """What Ray Tune's orchestration costs: the same trials through Tune and as plain sequential loops.
 
-    python benchmarks/tune_overhead.py       # the demo's 4 SFT trials, twice each way: about 6 minutes on 2 idle cores
+    python benchmarks/tune_overhead.py       # the demo's 4 SFT trials, twice each way: about 3 minutes on 2 idle cores
 
 Both ways run clinft-ray's own `sft_train` on the demo's UTI task and tiny model
 (`clinft_ray.demo.prepare_demo`) over the demo's SFT grid (`tune_spaces/demo_sft.yaml`: 4 learning
