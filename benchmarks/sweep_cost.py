@@ -112,12 +112,16 @@ def protocol(demo: Path, out: Path, base: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def ours(demo: Path, out: Path, base: dict[str, Any], grace: int, factor: float) -> dict[str, Any]:
+def ours(demo: Path, out: Path, base: dict[str, Any], grace: int, factor: float, patience: int | None) -> dict[str, Any]:
     from clinft_ray.selection import select_best
     from clinft_ray.sweep import candidates
 
-    grid, wall = sweep(demo, out, "ours", {**base, "scheduler": {"asha": {"grace_steps": grace,
-                                                                         "reduction_factor": factor}}})
+    space = dict(base)
+    if grace:
+        space["scheduler"] = {"asha": {"grace_steps": grace, "reduction_factor": factor}}
+    if patience:
+        space["patience"] = patience
+    grid, wall = sweep(demo, out, "ours", space)
     steps = trial_steps(grid)
     best = select_best(candidates(grid, "f1"))
     return {
@@ -135,8 +139,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-steps", type=int, default=120)
     parser.add_argument("--eval-steps", type=int, default=20)
-    parser.add_argument("--grace-steps", type=int, default=20)
+    parser.add_argument("--grace-steps", type=int, default=20, help="ASHA's grace period; 0: no ASHA")
     parser.add_argument("--reduction-factor", type=float, default=3.0)
+    parser.add_argument("--patience", type=int, default=None,
+                        help="space key patience: stop a trial after N evals without a better dev score")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
     opts = parser.parse_args(argv)
 
@@ -155,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         try:
             with contextlib.redirect_stdout(sys.stderr):  # Tune's status tables; stdout is for the JSON
                 paper = protocol(work / "demo", work / "protocol", base)
-                mine = ours(work / "demo", work / "ours", base, opts.grace_steps, opts.reduction_factor)
+                mine = ours(work / "demo", work / "ours", base, opts.grace_steps, opts.reduction_factor,
+                            opts.patience)
         finally:
             ray.shutdown()
     result = {
@@ -163,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "grid": GRID,
         "max_steps": opts.max_steps,
         "eval_steps": opts.eval_steps,
-        "asha": {"grace_steps": opts.grace_steps, "reduction_factor": opts.reduction_factor},
+        "asha": {"grace_steps": opts.grace_steps, "reduction_factor": opts.reduction_factor} if opts.grace_steps else None,
+        "patience": opts.patience,
         "protocol": paper,
         "ours": mine,
         "compute_fraction": round(mine["trial_steps"] / paper["trial_steps"], 3),

@@ -90,7 +90,7 @@ def dpo_train(hp: dict[str, Any], reporter: Reporter, *, study: Study, task: Tas
             eval_dataset=Dataset.from_list(eval_rows),
             processing_class=tok,
             peft_config=peft_config(cfg.model),
-            callbacks=[DevReport(score, manifest, task.metric, reporter, best)],
+            callbacks=[DevReport(score, manifest, task.metric, reporter, best, space.patience)],
         )
         without_printer(trainer).train(resume_from_checkpoint=resume)
 

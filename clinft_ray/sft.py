@@ -70,7 +70,7 @@ def sft_train(hp: dict[str, Any], reporter: Reporter, *, study: Study, task: Tas
             eval_dataset=Dataset.from_list(sft_rows(evl, chat)),
             processing_class=tok,
             peft_config=peft_config(cfg.model),
-            callbacks=[DevReport(score, manifest, task.metric, reporter, best)],
+            callbacks=[DevReport(score, manifest, task.metric, reporter, best, study.sft_space.patience)],
         )
         without_printer(trainer).train(resume_from_checkpoint=resume)
 

@@ -14,7 +14,8 @@ turns it into the `param_space` of a Ray Tune `Tuner`.
 
 `scheduler: {asha: {grace_steps: 200, reduction_factor: 3}}` stops trials early with Ray Tune's
 `ASHAScheduler` on the dev score they report (`to_scheduler()`); without it every trial trains to
-`max_steps`.
+`max_steps`. `patience: N` stops a trial after N evals in a row without a better dev score (its own
+plateau, `sweep.DevReport`), independently of the other trials.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ class SearchSpace(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
     scheduler: Scheduler | None = Field(None, description="early stopping; default: every trial to max_steps")
+    patience: int | None = Field(None, gt=0, description="stop a trial after this many evals without a better dev "
+                                 "score (its plateau); default: every trial to max_steps")
 
     @field_validator("learning_rate", "beta", mode="before")
     @classmethod

@@ -244,15 +244,18 @@ def check_data(study: Study) -> dict[str, dict[str, list[Example]]]:
 
 def study_fingerprint(study: Study) -> str:
     """sha256 of what decides a study's results: the config (without where it runs: output and
-    storage, Ray, MLflow, resources, the judge's address), the search spaces, and the data by content."""
+    storage, Ray, MLflow, resources, the judge's address), the search spaces, and the data by content.
+    Settings left at their defaults are left out, so a new option does not make a finished study
+    look like another one."""
     cfg = study.config
-    what = cfg.model_dump(mode="json", exclude={"output_dir", "storage_path", "ray", "mlflow", "resources",
-                                                "sft", "dpo"})
+    what = cfg.model_dump(mode="json", exclude_defaults=True,
+                          exclude={"output_dir", "storage_path", "ray", "mlflow", "resources", "sft", "dpo"})
     for task, dumped in zip(cfg.tasks, what["tasks"], strict=True):
         dumped["splits"] = {s: fingerprint(getattr(task.splits, s)) for s in SPLITS}
     if what.get("judge"):
-        what["judge"].pop("base_url")
-    what["spaces"] = {"sft": study.sft_space.model_dump(mode="json"), "dpo": study.dpo_space.model_dump(mode="json")}
+        what["judge"].pop("base_url", None)
+    what["spaces"] = {stage: space.model_dump(mode="json", exclude_defaults=True)
+                      for stage, space in (("sft", study.sft_space), ("dpo", study.dpo_space))}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 

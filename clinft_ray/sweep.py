@@ -185,13 +185,17 @@ class DevReport(TrainerCallback):
     on the trial's best and -inf elsewhere, so among equal scores the earliest step is kept.
 
     A non-finite train or eval loss stops the trial at once, with the reason in the row; nothing is
-    checkpointed after it, so nothing after it can be selected.
+    checkpointed after it, so nothing after it can be selected. With `patience` (the space's), a trial
+    stops at its dev plateau: after that many evals in a row without a better dev score; its best
+    checkpoint is already saved, so stopping there loses nothing that was selectable.
     """
 
     def __init__(self, score: Callable[[Any], Scored], manifest: Callable[[str, int], None], metric: str,
-                 reporter: Reporter, best: float = -math.inf):
+                 reporter: Reporter, best: tuple[float, int] = (-math.inf, 0), patience: int | None = None):
         self.score, self.manifest, self.metric, self.reporter = score, manifest, metric, reporter
-        self.best = best  # the trial's best dev so far (restored when a trial resumes)
+        # the trial's best dev so far and the evals since it (restored when a trial resumes)
+        self.best, self.since_best = best
+        self.patience = patience
         self.last_train: dict[str, float] = {}
         self.pending: dict[str, Any] | None = None
         self.gpu = GpuStats()
@@ -218,7 +222,11 @@ class DevReport(TrainerCallback):
         dev = scored.metrics[self.metric]
         row.update({f"dev/{k}": v for k, v in scored.metrics.items()})
         row["keep/dev"] = dev if dev > self.best else -math.inf
+        self.since_best = 0 if dev > self.best else self.since_best + 1
         self.best = max(self.best, dev)
+        if self.patience is not None and self.since_best >= self.patience:
+            row["stopped"] = f"dev plateau ({self.patience} evals without a better {self.metric})"
+            control.should_training_stop = True
         self.pending = row
         control.should_save = True
 
@@ -231,7 +239,7 @@ class DevReport(TrainerCallback):
             self.reporter.report(row)
             return
         with open(os.path.join(folder, DEV_STATE), "w") as f:
-            json.dump({"best": self.best}, f)
+            json.dump({"best": self.best, "since_best": self.since_best}, f)
         self.manifest(folder, state.global_step)  # last: it lists the files above
         self.reporter.report(row, folder)
         shutil.rmtree(folder, ignore_errors=True)  # Tune has its copy in storage
@@ -240,19 +248,20 @@ class DevReport(TrainerCallback):
 DEV_STATE = "clinft_dev.json"
 
 
-def resume_point(reporter: Reporter) -> tuple[str | None, float]:
-    """Where a trial continues from: (its newest whole checkpoint as a local folder, the best dev so
-    far), or (None, -inf) for a fresh trial. The folder lives until the trial's process ends."""
+def resume_point(reporter: Reporter) -> tuple[str | None, tuple[float, int]]:
+    """Where a trial continues from: (its newest whole checkpoint as a local folder, (the best dev so
+    far, evals since it)), or (None, (-inf, 0)) for a fresh trial. The folder lives until the trial's
+    process ends."""
     import pyarrow.fs as pafs
 
     checkpoint = newest_whole(reporter.checkpoint())
     if checkpoint is None:
-        return None, -math.inf
+        return None, (-math.inf, 0)
     local = isinstance(checkpoint.filesystem, pafs.LocalFileSystem)
     folder = checkpoint.path if local else checkpoint.to_directory()
     state = Path(folder) / DEV_STATE
-    best = json.loads(state.read_text())["best"] if state.is_file() else -math.inf
-    return str(folder), best
+    kept = json.loads(state.read_text()) if state.is_file() else {}
+    return str(folder), (kept.get("best", -math.inf), kept.get("since_best", 0))
 
 
 def newest_whole(checkpoint: Any) -> Any:

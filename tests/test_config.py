@@ -216,6 +216,8 @@ def test_no_scheduler_means_every_trial_to_max_steps(tmp_path):
     ("scheduler: {ashaa: {grace_steps: 20}}", "scheduler.ashaa: unknown key; did you mean 'asha'?"),
     ("scheduler: asha", "scheduler: a str is not a scheduler; write {asha: {grace_steps: N, reduction_factor: 3}}, "
      "or leave scheduler out"),
+    ("patience: 0", "patience: Input should be greater than 0"),
+    ("patiense: 2", "patiense: unknown key; did you mean 'patience'?"),
 ])
 def test_bad_scheduler_is_one_line_naming_the_fix(tmp_path, line, message):
     assert message in space_problems(tmp_path, ASHA_SPACE + line + "\n", "sft")

@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -29,26 +28,21 @@ DPO = {"stage": "dpo", "learning_rate": {"grid": [1.0e-3]}, "beta": {"grid": [0.
 
 
 def _kill_trial_once(storage: Path, deadline: float) -> list[int]:
-    """SIGKILL the process of the lr 1e-2 SFT trial once it has two checkpoints, as a preempted node
-    would, and cut its newest checkpoint short as a kill in the middle of a copy would. Returns the
-    step of the broken checkpoint."""
+    """SIGKILL the process of the lr 1e-2 SFT trial once it has reported two checkpoints, as a
+    preempted node would, and cut its newest checkpoint short as a kill in the middle of a copy would.
+    The process is the one Tune recorded with the trial's rows (other tests' trials may share its
+    name). Returns the step of the broken checkpoint."""
     while time.monotonic() < deadline:
+        rows = [json.loads(line) for f in storage.glob("uti-sft/uti-sft-lr1e-02-*/result.json")
+                for line in f.read_text().splitlines()]
         found = sorted(storage.glob("uti-sft/uti-sft-lr1e-02-*/checkpoint_*"))
-        if len(found) >= 2 and (found[-1] / MANIFEST).is_file():
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                if "ImplicitFunc" not in " ".join(proc.info["cmdline"] or []):
-                    continue
-                try:  # Tune runs each trial in its own folder, named after the trial
-                    mine = "lr1e-02" in proc.cwd()
-                except psutil.Error:
-                    continue
-                if mine:
-                    os.kill(proc.info["pid"], signal.SIGKILL)
-                    newest = found[-1]
-                    weights = max((f for f in newest.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
-                    with weights.open("r+b") as f:
-                        f.truncate(weights.stat().st_size // 2)
-                    return [json.loads((newest / MANIFEST).read_text())["step"]]
+        if len(rows) >= 2 and len(found) >= 2 and (found[-1] / MANIFEST).is_file():
+            os.kill(rows[-1]["pid"], signal.SIGKILL)
+            newest = found[-1]
+            weights = max((f for f in newest.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+            with weights.open("r+b") as f:
+                f.truncate(weights.stat().st_size // 2)
+            return [json.loads((newest / MANIFEST).read_text())["step"]]
         time.sleep(0.2)
     return []
 
