@@ -11,9 +11,11 @@ demo's UTI-vs-pyuria task and tiny model (`clinft_ray.demo.prepare_demo`), with 
   step) with the lowest eval loss over all trials' curves is the plateau; that configuration is then
   trained again from scratch to that step (a second one-trial sweep), and its dev score is the
   protocol's. Compute: the grid's trial-steps plus the retraining's.
-- **ours** (clinft-ray's default): the same grid with `scheduler: {asha: {grace_steps, reduction_factor}}`
-  (Ray Tune's ASHA on dev F1, step as time); the best (trial, step) on dev among the saved checkpoints
-  of every trial, stopped ones included, is selected; nothing is retrained.
+- **ours** (clinft-ray's demo default): the same grid with `patience: 1` (each trial stops at the
+  first eval that does not beat its best dev F1), and with `--grace-steps N` also
+  `scheduler: {asha: {grace_steps: N, reduction_factor}}` (Ray Tune's ASHA on dev F1, step as time);
+  the best (trial, step) on dev among the saved checkpoints of every trial, stopped ones included, is
+  selected; nothing is retrained. `--patience 0` turns the plateau stop off.
 
 The schedule is the paper's shape scaled to the tiny model: a fixed horizon several evals long (the
 paper: 1000 steps scored every 50; here `--max-steps 120` scored every `--eval-steps 20`). Both arms
@@ -139,10 +141,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-steps", type=int, default=120)
     parser.add_argument("--eval-steps", type=int, default=20)
-    parser.add_argument("--grace-steps", type=int, default=20, help="ASHA's grace period; 0: no ASHA")
+    parser.add_argument("--grace-steps", type=int, default=0, help="ASHA's grace period; 0 (default): no ASHA")
     parser.add_argument("--reduction-factor", type=float, default=3.0)
-    parser.add_argument("--patience", type=int, default=None,
-                        help="space key patience: stop a trial after N evals without a better dev score")
+    parser.add_argument("--patience", type=int, default=1,
+                        help="space key patience: stop a trial after N evals without a better dev score; 0: off")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
     opts = parser.parse_args(argv)
 
