@@ -270,15 +270,15 @@ def newest_whole(checkpoint: Any) -> Any:
     import pyarrow.fs as pafs
     from ray.tune import Checkpoint
 
-    if checkpoint is None or incomplete(checkpoint.path, checkpoint.filesystem) is None:
+    why = None if checkpoint is None else incomplete(checkpoint.path, checkpoint.filesystem)
+    if why is None:
         return checkpoint
     fs, broken = checkpoint.filesystem, checkpoint.path.rstrip("/")
     siblings = fs.get_file_info(pafs.FileSelector(broken.rsplit("/", 1)[0]))
     for path in sorted((i.path for i in siblings if i.type == pafs.FileType.Directory
                         and i.base_name.startswith("checkpoint_") and i.path != broken), reverse=True):
         if incomplete(path, fs) is None:
-            log.warning("checkpoint %s is incomplete (%s): going on from %s", broken,
-                        incomplete(broken, fs), path)
+            log.warning("checkpoint %s is incomplete (%s): going on from %s", broken, why, path)
             return Checkpoint(path, filesystem=fs)
     log.warning("checkpoint %s is incomplete and no whole one is left: the trial starts over", broken)
     return None

@@ -169,10 +169,15 @@ class Tracker:
     def _send(self, method: str, *args: Any, **kwargs: Any) -> None:
         with self._lock:
             self._ops.append((method, args, kwargs))
-            if self._flusher is None and not self._drain():
-                self._outage()
-                self._flusher = threading.Thread(target=self._replay, name="clinft-mlflow-outbox", daemon=True)
-                self._flusher.start()
+            self._drain_or_replay()
+
+    def _drain_or_replay(self) -> None:
+        """With the lock held: send what is queued now, or, if MLflow does not answer, leave it to the
+        replay thread (started here unless it runs already)."""
+        if self._flusher is None and not self._drain():
+            self._outage()
+            self._flusher = threading.Thread(target=self._replay, name="clinft-mlflow-outbox", daemon=True)
+            self._flusher.start()
 
     def _replay(self) -> None:
         """The outbox thread: every RETRY_S, the held writes in order, until none is left. Each is
@@ -253,9 +258,7 @@ class Tracker:
         log.info("sending %d MLflow writes held by the last run of this study", len(ops))
         with self._lock:
             self._ops.extendleft(reversed(ops))
-            if self._flusher is None and not self._drain():
-                self._flusher = threading.Thread(target=self._replay, name="clinft-mlflow-outbox", daemon=True)
-                self._flusher.start()
+            self._drain_or_replay()
         self.flush()
         path.unlink()
 
