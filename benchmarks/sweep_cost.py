@@ -37,12 +37,11 @@ import math
 import os
 import sys
 import tempfile
-import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
+from sft_sweep import timed_sft_sweep
 
 GRID = [1.0e-2, 1.0e-3, 1.0e-4, 1.0e-5]  # tune_spaces/demo_sft.yaml
 
@@ -50,24 +49,13 @@ GRID = [1.0e-2, 1.0e-3, 1.0e-4, 1.0e-5]  # tune_spaces/demo_sft.yaml
 def sweep(demo: Path, out: Path, name: str, space: dict[str, Any]) -> tuple[Any, float]:
     """One SFT sweep of `space` on the demo study through clinft-ray's own trainable and `run_sweep`;
     returns (Tune's ResultGrid, wall seconds of the sweep)."""
-    import ray
-
     from clinft_ray.config import load_study
-    from clinft_ray.preflight import trial_resources
-    from clinft_ray.sft import sft_train
-    from clinft_ray.sweep import run_sweep, trainable
 
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.yaml").write_text(yaml.safe_dump(space))
     study = load_study(demo / "study.yaml", [f"sft.space={out / f'{name}.yaml'}", "resources.cpus_per_trial=2"],
                        output_dir=str(out))
-    cfg, task = study.config, study.config.tasks[0]
-    resources = trial_resources(cfg.resources, ray.cluster_resources())
-    start = time.perf_counter()
-    grid = run_sweep(trainable(partial(sft_train, study=study, task=task), resources, cfg.storage_path, task.metric),
-                     name=name, space=study.sft_space, storage_path=cfg.storage_path, callbacks=[], retries=0,
-                     resume=False, metric=task.metric)
-    return grid, time.perf_counter() - start
+    return timed_sft_sweep(study, name)
 
 
 def trial_steps(grid: Any) -> dict[str, int]:

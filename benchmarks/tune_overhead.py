@@ -30,11 +30,11 @@ import statistics
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
+from sft_sweep import timed_sft_sweep
 
 
 class ListReporter:
@@ -63,20 +63,7 @@ def load(demo: Path, out: Path) -> Any:
 
 
 def through_tune(demo: Path, out: Path, name: str) -> tuple[float, int]:
-    import ray
-
-    from clinft_ray.preflight import trial_resources
-    from clinft_ray.sft import sft_train
-    from clinft_ray.sweep import run_sweep, trainable
-
-    study = load(demo, out)
-    cfg, task = study.config, study.config.tasks[0]
-    resources = trial_resources(cfg.resources, ray.cluster_resources())
-    start = time.perf_counter()
-    grid = run_sweep(trainable(partial(sft_train, study=study, task=task), resources, cfg.storage_path, task.metric),
-                     name=name, space=study.sft_space, storage_path=cfg.storage_path, callbacks=[], retries=0,
-                     resume=False, metric=task.metric)
-    seconds = time.perf_counter() - start
+    grid, seconds = timed_sft_sweep(load(demo, out), name)
     assert all(r.error is None for r in grid), "a Tune trial failed"
     return seconds, sum(len(r.metrics_dataframe) for r in grid)
 
