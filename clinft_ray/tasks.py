@@ -272,6 +272,13 @@ def triage_scores(task: TriageTask, examples: list[Example], preds: list[dict[st
     return metrics, outcomes
 
 
+def one_prediction(outcomes: dict[str, list[Any]]) -> dict[str, Any]:
+    """The predictions (`pred`, `pred_<set>`) that are the same for every one of two or more examples,
+    by outcome name: a stage that answers one label (or one letter, or nothing: None) to every
+    question tells little, whatever its metric."""
+    return {k: v[0] for k, v in outcomes.items() if k.startswith("pred") and len(v) > 1 and len(set(v)) == 1}
+
+
 # -- reasoning -------------------------------------------------------------------------------------
 
 # A letter stated as a pick: "(C)", "[C]", "C)", "C.", "C:", "C -", or a capital "C" alone or before a
