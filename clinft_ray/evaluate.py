@@ -20,12 +20,11 @@ from clinft_ray.config import ClassificationTask, ReasoningTask, TaskConfig, Tri
 from clinft_ray.data import Example, as_messages
 from clinft_ray.modeling import has_chat_template
 from clinft_ray.tasks import (
-    classification_metrics,
+    classification_scores,
     parse_label,
     parse_triage,
-    prompt_text,
-    reasoning_correct,
-    rouge_l,
+    reasoning_scores,
+    summary_scores,
     triage_answers,
     triage_scores,
 )
@@ -34,7 +33,7 @@ from clinft_ray.tasks import (
 @dataclass(frozen=True)
 class Scored:
     """Aggregate metrics, and per-example outcomes by name (bool: correct / incorrect, float: a
-    score) in the order of `ids`."""
+    score; labels and option letters: the prediction and the gold one) in the order of `ids`."""
 
     metrics: dict[str, float]
     ids: list[str]
@@ -139,26 +138,26 @@ def _score(model: Any, tok: Any, task: TaskConfig, examples: list[Example], max_
         return generate(model, tok, examples, task.max_new_tokens, max_length)
 
     if isinstance(task, ClassificationTask):
-        said = [task.labels[k] for k in answers_by(task.labels)] if task.scoring == "loglik" else texts()
-        preds = [parse_label(t, task.labels) for t in said]
-        gold = [e.chosen for e in examples]
-        return (classification_metrics(task, gold, preds), {"correct": [g == p for g, p in zip(gold, preds, strict=True)]}, said)
-    if isinstance(task, TriageTask):
-        if task.scoring == "loglik":
-            candidates = [task.template.format(**c) for c in triage_answers(task)]
-            said = [candidates[k] for k in answers_by(candidates)]
+        if task.scoring == "loglik":  # the chosen candidate is the prediction: nothing to parse
+            said = preds = [task.labels[k] for k in answers_by(task.labels)]
         else:
             said = texts()
-        return (*triage_scores(task, examples, [parse_triage(t, task) for t in said]), said)
+            preds = [parse_label(t, task.labels) for t in said]
+        return (*classification_scores(task, examples, preds), said)
+    if isinstance(task, TriageTask):
+        if task.scoring == "loglik":
+            combos = triage_answers(task)
+            picked = [combos[k] for k in answers_by([task.template.format(**c) for c in combos])]
+            said = [task.template.format(**c) for c in picked]
+        else:
+            said = texts()
+            picked = [parse_triage(t, task) for t in said]
+        return (*triage_scores(task, examples, picked), said)
     if isinstance(task, ReasoningTask):
         said = texts()
-        correct = reasoning_correct(task, examples, said, judge)
-        return {"accuracy": sum(correct) / len(correct)}, {"correct": correct}, said
+        return (*reasoning_scores(task, examples, said, judge), said)
     said = texts()
-    ratings = judge.rate_summaries([prompt_text(e.prompt) for e in examples], [e.chosen for e in examples], said)
-    rouge = [rouge_l(s, e.chosen) for s, e in zip(said, examples, strict=True)]
-    return ({"judge": sum(ratings) / len(ratings), "rougeL": sum(rouge) / len(rouge)},
-            {"score": [float(r) for r in ratings]}, said)
+    return (*summary_scores(examples, said, judge), said)
 
 
 def data_problems(tokenizer: Any, splits: dict[str, tuple[Any, list[Example]]], max_length: int,

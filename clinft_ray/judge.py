@@ -46,14 +46,73 @@ def _sections(**parts: str) -> str:
     return "\n\n".join(f"### {name.replace('_', ' ').title()}\n{text}" for name, text in parts.items())
 
 
+_ECHO = re.compile(r"\b(?:in)?correct\s*(?:or|/)\s*(?:in)?correct\b")  # the rubric's "CORRECT or INCORRECT"
+_VERDICT = re.compile(r"\b(?:(?P<mod>not|partially|partly|mostly|largely|somewhat|half|nearly|almost|not\s+entirely"
+                      r"|not\s+fully|not\s+completely|not\s+totally)\s+)?(?P<word>incorrect|correct|wrong)\b"
+                      r"(?!\s+(?:answer|diagnosis|option|management|treatment|choice)\b)")
+_VERDICT_LEAD = re.compile(r"^\W*(?:(?:verdict|grade|answer|result|judgement|judgment)\s*[:\-]?\s*)?"
+                           r"(?:the\s+)?(?:candidate(?:\s+answer)?\s+is\s+)?$")
+
+
+def _verdict(m: re.Match) -> bool:
+    mod, correct = m.group("mod"), m.group("word") == "correct"
+    if mod == "not":
+        return not correct  # "not correct" is incorrect, "not incorrect" correct
+    return correct and mod is None  # "partially correct", "not entirely correct": incorrect
+
+
 def parse_correct(reply: str) -> bool | None:
-    word = re.search(r"\b(INCORRECT|CORRECT)\b", reply.upper())
-    return None if word is None else word.group(1) == "CORRECT"
+    """The judge's verdict: True for correct, False for incorrect, None when it gives none.
+
+    Reads "CORRECT", "Correct.", "The candidate is correct" as correct; "INCORRECT", "NOT CORRECT",
+    "isn't correct", "Wrong" as incorrect. A partial verdict ("partially correct", "mostly correct",
+    "not entirely correct") is incorrect: the rubric asks for the same diagnosis or management, and a
+    partly right answer does not give it. A verdict the reply leads with, as a sentence of its own,
+    wins ("Incorrect. The candidate is right that ... but ..."; "correct answer" and the like are not
+    verdicts); else the verdicts it gives, all the same, or incorrect when they differ ("correct
+    about the diagnosis but wrong about the treatment" is partial). An echo
+    of the rubric ("CORRECT or INCORRECT") is not a verdict; "yes" and "no" are none.
+    """
+    text = _ECHO.sub(" ", re.sub(r"n['’]t\b", " not", reply.lower()))
+    found = list(_VERDICT.finditer(text))
+    if not found:
+        return None
+    first = found[0]
+    if _VERDICT_LEAD.match(text[: first.start()]) and re.match(r"\s*(?:[.!;:,\n]|$)", text[first.end() :]):
+        return _verdict(first)
+    return all(_verdict(m) for m in found)
+
+
+_NUMBER_WORDS = {"one": "1", "two": "2", "three": "3", "four": "4", "five": "5"}
+_NUM = r"(?<![\w.])(\d+(?:\.\d+)?)(?![\w]|\.\d)"
+_OUT_OF = re.compile(rf"{_NUM}\s*(?:/|out\s+of|of)\s*(\d+)\b")
+_SCALE = re.compile(r"(?<![\w.])1\s*(?:-|–|to|and)\s*5(?![\w.]|\.\d)")
+_SCORE_LEAD = re.compile(rf"\b(?:rating|rated|rate|score|scored|grade|graded|likert|give\s+(?:it|this)(?:\s+a)?)\W{{0,12}}?"
+                         rf"(?:it\s+|this\s+|a\s+|as\s+)*{_NUM}")
 
 
 def parse_likert(reply: str) -> int | None:
-    digit = re.search(r"\b([1-5])\b", reply)
-    return None if digit is None else int(digit.group(1))
+    """A 1-5 rating, or None when the reply gives none or an unclear one.
+
+    Reads "4", "Rating: 4", "Score: 4/5", "4 out of 5", "1-5 scale: 4", "On a scale of 1 to 5, I would
+    rate it a 4", "four". The scale ("1-5", "1 to 5") is not a score. In order: a score out of 5; else
+    the number after "rating" / "score" / "rate"; else the one number in the reply. A score on another
+    scale ("7/10"), outside 1-5, not whole ("4.5"), or two different numbers ("3-4") is None.
+    """
+    text = re.sub(r"\b(?:one|two|three|four|five)\b", lambda m: _NUMBER_WORDS[m.group()], reply.lower())
+    out_of = _OUT_OF.findall(text)
+    if out_of:
+        return _likert({n for n, d in out_of}) if {d for _, d in out_of} == {"5"} else None
+    text = _SCALE.sub(" ", text)
+    lead = _SCORE_LEAD.search(text)
+    return _likert({lead.group(1)} if lead else set(re.findall(_NUM, text)))
+
+
+def _likert(numbers: set[str]) -> int | None:
+    if len(numbers) != 1:
+        return None
+    n = numbers.pop()
+    return int(n) if n in {"1", "2", "3", "4", "5"} else None
 
 
 class Judge:

@@ -1,9 +1,12 @@
 """The study's outputs: `results.json`, `outcomes.jsonl`, `report.md` and `report.html`.
 
 `outcomes.jsonl` holds one line per test example per stage (task, stage, example id, and the
-example's outcomes: `correct`, `correct_<label set>` or `score`) and nothing else: no prompt, answer
-or generated text. `report.md` holds the tables to paste into a paper: per task and outcome, the test
-metric of base / SFT / DPO with the paired p-values, the selections, and the cost of each stage.
+example's outcomes: `correct`, `correct_<label set>` or `score`; and where the prediction is not free
+text, the predicted and gold label or option letter: `pred` / `gold`, `pred_<label set>` /
+`gold_<label set>`, None where the answer gave none) and nothing else: no prompt, answer or generated
+text. `report.md` holds the tables to paste into a paper: per task and outcome, the test
+metric of base / SFT / DPO with the paired p-values, every test metric with the answers that could not
+be read, the selections, and the cost of each stage.
 `report.html` is the same with the figures, to open in a browser or attach.
 """
 
@@ -35,11 +38,20 @@ def results_rows(results: dict[str, Any]) -> Table:
     return head, rows
 
 
+UNPARSED = ("unparsed", "unparsed_rate")
+
+
 def metrics_rows(results: dict[str, Any]) -> Table:
-    """Every test metric of every stage (accuracy beside F1, ROUGE-L beside the judge)."""
-    rows = [[name, s, ", ".join(f"{k} {v:.3f}" for k, v in t["stages"][s]["test"].items())]
-            for name, t in results["tasks"].items() for s in STAGES]
-    return ["task", "stage", "metrics on test"], rows
+    """Every test metric of every stage (accuracy beside F1, ROUGE-L beside the judge), and how many
+    of its test answers could not be read ("-" for results written before that was counted)."""
+    rows = []
+    for name, t in results["tasks"].items():
+        for s in STAGES:
+            test = t["stages"][s]["test"]
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in test.items() if k not in UNPARSED)
+            unread = f"{int(test['unparsed'])} / {t['n_test']}" if "unparsed" in test else "-"
+            rows.append([name, s, shown, unread])
+    return ["task", "stage", "metrics on test", "unparsed"], rows
 
 
 def selection_rows(results: dict[str, Any]) -> Table:

@@ -30,7 +30,7 @@ from clinft_ray.report import write_outputs
 from clinft_ray.sft import run_sft
 from clinft_ray.stats import bonferroni_threshold, mcnemar, paired_t
 from clinft_ray.sweep import StageResult, StudyError
-from clinft_ray.tasks import load_task_split
+from clinft_ray.tasks import load_task_split, one_prediction
 from clinft_ray.tracking import OUTBOX_FILE, Tracker, default_tracking_uri, device_hours, redact_uri
 
 log = logging.getLogger("clinft")
@@ -172,6 +172,7 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
         sweeps[stage] = stage_from_json(done["sweep"])
 
     for stage, sc in scored.items():
+        warn_one_prediction(task.name, stage, sc)
         outcomes += [{"task": task.name, "stage": stage, "id": i, **{k: v[n] for k, v in sc.outcomes.items()}}
                      for n, i in enumerate(sc.ids)]
     result = {
@@ -189,6 +190,16 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
         tracker.artifact(task_run, path, "figures")
     tracker.end(task_run)
     return result
+
+
+def warn_one_prediction(task: str, stage: str, scored: Scored) -> None:
+    """One warning line when a stage predicts the same label (or option letter, or nothing) for every
+    test example. It names the label, a word of the config, never an answer."""
+    same = one_prediction(scored.outcomes)
+    if same:
+        said = ", ".join(f"{k} {'nothing' if v is None else repr(v)}" for k, v in same.items())
+        log.warning("[%s] %s predicts the same for all %d test examples (%s): its metric says little; "
+                    "look at its answers with mlflow.log_examples", task, stage, len(scored.ids), said)
 
 
 def task_figure_paths(folder: Path, name: str) -> list[Path]:

@@ -64,9 +64,21 @@ def test_outcomes_file_has_numbers_not_text(all_kinds):
     out, results, _ = all_kinds
     lines = [json.loads(line) for line in (out / "outcomes.jsonl").read_text().splitlines()]
     triage = next(o for o in lines if o["task"] == "triage")
-    assert set(triage) == {"task", "stage", "id", "correct_urgency", "correct_responder"}
+    assert set(triage) == {"task", "stage", "id", "correct_urgency", "correct_responder", "pred_urgency",
+                           "gold_urgency", "pred_responder", "gold_responder"}
+    assert triage["pred_urgency"] in ("urgent", "non-urgent") and triage["gold_responder"] in ("physician",
+                                                                                               "medical assistant")
+    reasoning = [o for o in lines if o["task"] == "reasoning"]  # multiple choice: the letters
+    assert all(o["gold"] in "ABCDE" and (o["pred"] is None or o["pred"] in "ABCDE") for o in reasoning)
+    assert all(o["correct"] == (o["pred"] == o["gold"]) for o in reasoning)
     summ = [o for o in lines if o["task"] == "summarization"]
     assert len(summ) == 3 * results["tasks"]["summarization"]["n_test"]
     assert all(isinstance(o["score"], float) and 1 <= o["score"] <= 5 for o in summ)
     report = (out / "report.md").read_text()
     assert "| triage | f1_urgency |" in report and "| summarization | judge |" in report
+    assert "| metrics on test | unparsed |" in report
+    for name, t in results["tasks"].items():  # every stage counts the answers it could not read
+        for stage in ("base", "sft", "dpo"):
+            test = t["stages"][stage]["test"]
+            assert 0 <= test["unparsed"] <= t["n_test"], (name, stage)
+            assert test["unparsed_rate"] == pytest.approx(test["unparsed"] / t["n_test"])

@@ -26,10 +26,62 @@ def make_judge(url: str, tmp_path, **kw) -> Judge:
     return Judge(JudgeConfig(base_url=url, model="demo-rule-judge", **kw), tmp_path / "cache.sqlite")
 
 
-def test_parsers():
-    assert parse_correct("CORRECT.") is True and parse_correct("incorrect, because") is False
-    assert parse_correct("maybe") is None
-    assert parse_likert("Rating: 4") == 4 and parse_likert("7/10") is None and parse_likert("") is None
+@pytest.mark.parametrize(
+    "reply, verdict",
+    [
+        ("CORRECT", True),
+        ("CORRECT.", True),
+        ("Correct", True),
+        ("Verdict: CORRECT", True),
+        ("The candidate answer is correct.", True),
+        ("Correct.\n\nThe wording differs but the diagnosis is the same.", True),
+        ("not incorrect", True),
+        ("INCORRECT", False),
+        ("incorrect, because", False),
+        ("NOT CORRECT", False),  # not read as "CORRECT"
+        ("The answer isn't correct.", False),
+        ("Wrong", False),
+        ("Incorrect. The correct answer is pyelonephritis.", False),  # "correct answer" is no verdict
+        ("CORRECT or INCORRECT: INCORRECT", False),  # the rubric echoed, then the verdict
+        ("Partially correct", False),  # a partial answer is not the same diagnosis or management
+        ("Mostly correct, misses the antibiotic", False),
+        ("Not entirely correct", False),
+        ("Correct about the diagnosis but wrong about the treatment", False),
+        ("maybe", None),
+        ("Yes", None),
+        ("", None),
+    ],
+)
+def test_parse_correct(reply, verdict):
+    assert parse_correct(reply) is verdict
+
+
+@pytest.mark.parametrize(
+    "reply, score",
+    [
+        ("4", 4),
+        ("4.", 4),
+        ("Rating: 4", 4),
+        ("Score: 4/5", 4),
+        ("4 out of 5", 4),
+        ("1-5 scale: 4", 4),  # the scale is not the score
+        ("(1-5): 2", 2),
+        ("On a scale of 1 to 5, I would rate it a 4.", 4),
+        ("Score: four", 4),
+        ("5 - as good as the reference", 5),
+        ("1 (useless or wrong)", 1),
+        ("I give it a 3", 3),
+        ("The summary has 3 sentences. Score: 4", 4),  # the number after "score"
+        ("Score: 4 (good); it misses 2 facts", 4),
+        ("7/10", None),  # another scale
+        ("Rating: 6", None),  # outside 1-5
+        ("4.5", None),  # not a point of the scale
+        ("3-4", None),  # two scores
+        ("", None),
+    ],
+)
+def test_parse_likert(reply, score):
+    assert parse_likert(reply) == score
 
 
 def test_overlap_f1_hand_worked():

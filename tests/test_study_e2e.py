@@ -47,7 +47,9 @@ def test_output_files_exist_and_agree(demo):
     assert results["alpha"] == 0.05 and results["threshold"] == pytest.approx(0.05 / len(study.config.tasks))
     assert task["stages"]["sft"]["trials"] == 4 and task["stages"]["dpo"]["trials"] == 12
     outcomes = [json.loads(line) for line in (out / "outcomes.jsonl").read_text().splitlines()]
-    assert set(outcomes[0]) == {"task", "stage", "id", "correct"}  # no text of any kind
+    assert set(outcomes[0]) == {"task", "stage", "id", "correct", "pred", "gold"}  # labels, no text of any kind
+    assert {o["pred"] for o in outcomes} <= {"UTI", "pyuria"} and {o["gold"] for o in outcomes} == {"UTI", "pyuria"}
+    assert all(o["correct"] == (o["pred"] == o["gold"]) for o in outcomes)
     for stage in ("base", "sft", "dpo"):
         rows = [o for o in outcomes if o["stage"] == stage]
         assert len(rows) == task["n_test"] == 200

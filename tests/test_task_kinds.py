@@ -15,6 +15,7 @@ from clinft_ray.tasks import (
     gold_check,
     option_letter,
     parse_triage,
+    reasoning_scores,
     rouge_l,
     triage_answers,
     triage_scores,
@@ -48,14 +49,98 @@ def test_triage_f1_per_label_set_hand_worked():
                                       [parse_triage(p, TRIAGE) for p in pred])
     assert metrics["f1_urgency"] == pytest.approx(2 / 3) and metrics["f1_responder"] == pytest.approx(4 / 5)
     assert metrics["f1"] == pytest.approx(11 / 15) and metrics["accuracy_urgency"] == 0.75
-    assert outcomes == {"correct_urgency": [True, False, True, True], "correct_responder": [True, False, True, True]}
+    assert outcomes["correct_urgency"] == [True, False, True, True]
+    assert outcomes["correct_responder"] == [True, False, True, True]
+    # the labels themselves, for a confusion matrix: gold U U N N vs predicted U N N N
+    assert outcomes["gold_urgency"] == ["urgent", "urgent", "non-urgent", "non-urgent"]
+    assert outcomes["pred_urgency"] == ["urgent", "non-urgent", "non-urgent", "non-urgent"]
+    assert outcomes["pred_responder"] == ["physician", "physician", "physician", "medical assistant"]
+    assert metrics["unparsed"] == 0 and metrics["unparsed_rate"] == 0.0
 
 
-def test_option_letters_and_normalized_match():
+def test_triage_counts_answers_without_a_label_for_some_set():
+    """Four answers: one gives both sets, one only urgency, one only responder, one neither:
+    3 unparsed of 4 -> unparsed_rate 0.75; an unparsed set is None in the outcomes and counts wrong."""
+    gold = ["urgent; physician"] * 4
+    said = ["urgent; physician", "urgent", "physician", "no idea"]
+    metrics, outcomes = triage_scores(TRIAGE, [ex(i, g) for i, g in enumerate(gold)],
+                                      [parse_triage(s, TRIAGE) for s in said])
+    assert metrics["unparsed"] == 3 and metrics["unparsed_rate"] == 0.75
+    assert outcomes["pred_urgency"] == ["urgent", "urgent", None, None]
+    assert outcomes["correct_responder"] == [True, False, True, False]
+
+
+@pytest.mark.parametrize(
+    "answer, urgency, responder",
+    [
+        ("Non-urgent; medical assistant.", "non-urgent", "medical assistant"),
+        ("nonurgent; medical assistant", "non-urgent", "medical assistant"),
+        ("URGENT - physician should call today", "urgent", "physician"),
+        ("urgent physician", "urgent", "physician"),
+        ("Urgency: urgent. Responder: physician.", "urgent", "physician"),
+        ("Not urgent; physician", "non-urgent", "physician"),  # the negation stops at the next label
+        ("Not urgent, and a medical assistant can reply", "non-urgent", "medical assistant"),
+        ("This is urgent but does not need a physician: a medical assistant can call back", "urgent",
+         "medical assistant"),
+        ("Non-urgent message, can be handled by the medical assistant, no physician needed", "non-urgent",
+         "medical assistant"),
+        ("Urgent; physician or medical assistant", "urgent", NO_LABEL),
+        ("no idea", NO_LABEL, NO_LABEL),
+    ],
+)
+def test_triage_reads_each_set_from_one_answer(answer, urgency, responder):
+    assert parse_triage(answer, TRIAGE) == {"urgency": urgency, "responder": responder}
+
+
+OPTIONS = {"A": "Acute cystitis", "B": "Pneumonia", "C": "Acute appendicitis", "D": "Urinary tract infection"}
+
+
+@pytest.mark.parametrize(
+    "answer, letter",
+    [
+        ("C", "C"),
+        ("C.", "C"),
+        ("(C)", "C"),
+        ("(b)", "B"),
+        ("[D]", "D"),
+        ("A. Acute cystitis", "A"),
+        ("C) Acute appendicitis", "C"),
+        ("Answer: B", "B"),
+        ("Answer: C) Acute appendicitis", "C"),
+        ("The answer is (C)", "C"),
+        ("The correct answer is D: urinary tract infection", "D"),
+        ("Option C", "C"),
+        ("I would choose B", "B"),
+        ("The answer is A because the urinalysis shows pyuria", "A"),
+        ("Based on the right lower quadrant pain, the answer is C.", "C"),
+        ("Not option A; option C is right", "C"),
+        ("Option A is wrong, option C", "C"),
+        ("A urinary tract infection", "D"),  # the article is not option A
+        ("I think acute appendicitis.", "C"),  # "I" is not option I, the text names C
+        ("It is pneumonia", "B"),
+        ("Acute appendicitis rather than acute cystitis", "C"),
+        ("D-dimer is normal, so pneumonia", "B"),  # "D-dimer" is not option D
+        ("Acute cystitis or pneumonia", None),  # two options: ambiguous
+        ("A or C", None),
+        ("F", None),  # not one of the options
+        ("Zebra", None),
+    ],
+)
+def test_option_letter_as_a_clinician_reads_it(answer, letter):
+    assert option_letter(answer, OPTIONS) == letter
+
+
+def test_reasoning_reports_letters_and_unparsed():
+    """Three option rows, gold B, B, A; answers pick B, nothing, C: accuracy 1/3, unparsed 1 of 3."""
     opts = {"A": "Acute cystitis", "B": "Pneumonia", "C": "Acute appendicitis"}
-    for said, letter in [("C", "C"), ("(b)", "B"), ("A. Acute cystitis", "A"), ("Answer: B", "B"),
-                         ("I think acute appendicitis.", "C"), ("It is pneumonia", "B"), ("Zebra", None)]:
-        assert option_letter(said, opts) == letter, said
+    examples = [ex(0, "B", opts), ex(1, "B. Pneumonia", opts), ex(2, "A", opts)]
+    task = ReasoningTask(name="r", kind="reasoning", grading="match", splits=SPLITS)
+    metrics, outcomes = reasoning_scores(task, examples, ["The answer is (B)", "I am not sure", "C"], None)
+    assert metrics == {"accuracy": pytest.approx(1 / 3), "unparsed": 1, "unparsed_rate": pytest.approx(1 / 3)}
+    assert outcomes == {"correct": [True, False, False], "pred": ["B", None, "C"], "gold": ["B", "B", "A"]}
+
+
+def test_normalized_match():
     assert answer_matches("Pneumonia.", "pneumonia") and answer_matches("Pneumonia, likely viral", "Pneumonia")
     assert not answer_matches("Not pneumonia", "pneumonia") and not answer_matches("", "")
 
@@ -87,3 +172,24 @@ def test_outcomes_per_kind_and_their_tests():
     assert comps[0]["statistic"] == pytest.approx(-2.0)
     binary = {s: Scored({}, ["a", "b"], {"correct": [s != "base", True]}, []) for s in ("base", "sft", "dpo")}
     assert {c["test"] for c in compare(binary, {"correct": "accuracy"}, 0.01)} == {"mcnemar_exact"}
+
+
+def test_a_stage_that_predicts_one_label_for_all_is_flagged_in_one_line_without_text(caplog):
+    import logging
+
+    from clinft_ray.study import warn_one_prediction
+    from clinft_ray.tasks import one_prediction
+
+    same = {"correct_urgency": [True, False, True], "pred_urgency": ["urgent"] * 3,
+            "pred_responder": ["physician", "medical assistant", None]}
+    assert one_prediction(same) == {"pred_urgency": "urgent"}
+    assert one_prediction({"pred": [None, None]}) == {"pred": None}  # nothing parsed, ever
+    assert one_prediction({"pred": ["B"]}) == {}  # one example says nothing about a stage
+    assert one_prediction({"score": [4.0, 4.0]}) == {}  # a score is not a prediction
+    with caplog.at_level(logging.WARNING, logger="clinft"):
+        warn_one_prediction("triage", "sft", Scored({}, ["a", "b", "c"], same, ["CANARY-PHI"] * 3))
+        warn_one_prediction("triage", "dpo", Scored({}, ["a", "b"], {"pred_urgency": ["urgent", "non-urgent"]}, []))
+    [record] = caplog.records
+    msg = record.getMessage()
+    assert "[triage] sft" in msg and "all 3 test examples" in msg and "pred_urgency 'urgent'" in msg
+    assert "CANARY" not in msg and "\n" not in msg
