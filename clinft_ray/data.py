@@ -212,7 +212,7 @@ def _message_problem(messages: list[Any]) -> tuple[str, str] | None:
         if "role" not in m or m["role"] not in ROLES:
             what = "a chat message has no role" if "role" not in m else "a chat message has an unknown role"
             detail = f"chat message {i} has no 'role'" if "role" not in m else \
-                f"chat message {i} has role {_shown(m['role'])}"
+                f"chat message {i} has an unknown role"  # not echoed: the role is row content
             return what, f"{detail} (roles: {', '.join(ROLES)})"
         if "content" not in m:
             return "a chat message has no 'content'", f"chat message {i} has no 'content'"
