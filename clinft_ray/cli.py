@@ -2,20 +2,28 @@
 
     clinft run study.yaml [--out DIR] [--set key=value ...]   run a study (local GPUs, CPU, or a Ray cluster)
     clinft demo [--out DIR] [--tasks all] [--set key=value ...]   the built-in demo, no downloads, CPU is fine
-    clinft validate study.yaml [--set key=value ...]          check the config and every split, load no model
+    clinft validate study.yaml [--set key=value ...] [--out DIR] [--check-services]
+                                  everything `run` checks before training, load no model
 
-Exit codes: 0 done, 2 bad config, data or resources (one line per problem, no row text), 1 anything else.
+Every command takes `--debug`. Exit codes: 0 done, 2 bad config, data, locations or resources (one line
+per problem, no row text), 1 anything else: an unexpected error is one `clinft: error:` line with its
+type and where it happened, and its traceback goes to a local log file (never to MLflow), or to the
+console with `--debug`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
+import traceback
 from pathlib import Path
 
-from clinft_ray.config import ConfigError, load_study
+from clinft_ray.config import ConfigError, Study, load_study
 from clinft_ray.data import DataError
+from clinft_ray.preflight import PreflightError
 from clinft_ray.sweep import StudyError
 
 log = logging.getLogger("clinft")
@@ -23,14 +31,19 @@ log = logging.getLogger("clinft")
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clinft", description="SFT then DPO on clinical tasks, with statistics.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+    common = argparse.ArgumentParser(add_help=False)  # SUPPRESS: `clinft --debug run` and `clinft run --debug`
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in (("run", "run a study"), ("validate", "check a study's config and data")):
-        p = sub.add_parser(name, help=help_)
+    for name, help_ in (("run", "run a study"), ("validate", "check a study's config, data, outputs and services")):
+        p = sub.add_parser(name, help=help_, parents=[common])
         p.add_argument("config", help="study YAML")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-        if name == "run":
-            p.add_argument("--out", help="output directory (overrides output_dir)")
-    p = sub.add_parser("demo", help="run the built-in demo study on a tiny local model")
+        p.add_argument("--out", help="output directory (overrides output_dir)")
+        if name == "validate":
+            p.add_argument("--check-services", action="store_true",
+                           help="also check that the tracking server and the judge answer (network calls)")
+    p = sub.add_parser("demo", help="run the built-in demo study on a tiny local model", parents=[common])
     p.add_argument("--out", default="clinft-demo", help="output directory (default: ./clinft-demo)")
     p.add_argument("--tasks", default="classification",
                    help="classification (default, ~3 min on 2 CPUs), all, or a comma list of task kinds")
@@ -42,18 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="clinft: %(message)s", stream=sys.stderr)
     logging.getLogger("clinft").setLevel(logging.INFO)
-    from clinft_ray.sweep import quiet_libraries
-
-    quiet_libraries()
     try:
+        from clinft_ray.sweep import quiet_libraries
+
+        quiet_libraries()
         if args.command == "validate":
-            return validate(args.config, args.set)
+            return validate(args.config, args.set, args.out, args.check_services)
         if args.command == "demo":
             return demo(args.out, args.tasks, args.set)
-        else:
-            config, out = args.config, args.out
-        return run(config, args.set, out)
-    except (ConfigError, DataError) as err:
+        return run(args.config, args.set, args.out)
+    except (ConfigError, DataError, PreflightError) as err:
         for line in str(err).splitlines():
             print(f"clinft: error: {line}", file=sys.stderr)
         return 2
@@ -63,6 +74,47 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clinft: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 (the one place that turns any other error into one line)
+        if args.debug:
+            traceback.print_exc()
+            return 1
+        print(f"clinft: error: unexpected {type(exc).__name__} in {where(exc)}; the traceback is in "
+              f"{crash_log(exc)} (or rerun with --debug to see it here)", file=sys.stderr)
+        return 1
+
+
+def where(exc: BaseException) -> str:
+    """`module:function` of the innermost clinft_ray frame of the traceback, and of the innermost frame
+    if that is elsewhere (a library)."""
+    frames = [(f.f_globals.get("__name__", "?"), f.f_code.co_name) for f, _ in traceback.walk_tb(exc.__traceback__)]
+    if not frames:
+        return "clinft"
+    ours = [fr for fr in frames if fr[0].startswith("clinft_ray")]
+    inner = f"{frames[-1][0]}:{frames[-1][1]}"
+    if not ours or ours[-1] == frames[-1]:
+        return inner
+    return f"{ours[-1][0]}:{ours[-1][1]} (raised in {inner})"
+
+
+def crash_log(exc: BaseException) -> Path:
+    """Write the traceback to a new file on local disk, readable by this user only: an exception's
+    message may quote data, so it goes here, never to the console or MLflow. The folder is
+    $CLINFT_LOG_DIR, else $CLINFT_CACHE/logs, else ~/.cache/clinft/logs."""
+    cache = Path(os.environ.get("CLINFT_CACHE") or Path.home() / ".cache" / "clinft")
+    folder = Path(os.environ.get("CLINFT_LOG_DIR") or cache / "logs")
+    text = f"clinft {' '.join(sys.argv[1:])}\n" + "".join(traceback.format_exception(exc))
+    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for place in (folder, Path("/tmp") / f"clinft-logs-{os.getuid()}"):
+        try:
+            place.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path = place / name
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
+                f.write(text)
+            return path
+        except OSError:
+            continue
+    return Path("(no log: no writable log folder; set CLINFT_LOG_DIR)")
 
 
 def demo(out: str, tasks: str, overrides: list[str]) -> int:
@@ -80,27 +132,75 @@ def demo(out: str, tasks: str, overrides: list[str]) -> int:
         server.shutdown()
 
 
-def validate(config: str, overrides: list[str]) -> int:
+def validate(config: str, overrides: list[str], out: str | None, check_services: bool) -> int:
+    """What `clinft run` checks before training, without loading a model or starting Ray: the config,
+    every split, the output and storage locations, a finished study in the output folder, the trial's
+    resources on this machine, and (with `--check-services`) the tracking server and the judge."""
     from clinft_ray.study import check_data
 
-    study = load_study(config, overrides)
+    study = load_study(config, overrides, output_dir=out)
     data = check_data(study)
     for name, splits in data.items():
         print(f"{name}: " + ", ".join(f"{s} {len(rows)} rows" for s, rows in splits.items()))
+    problems, notes = preflight_problems(study, check_services)
+    if problems:
+        raise PreflightError("\n".join(problems))
+    for note in notes:
+        print(note)
     print(f"{config}: OK ({study.sft_space.num_trials()} SFT + {study.dpo_space.num_trials()} DPO trials per task)")
     return 0
 
 
+def preflight_problems(study: Study, check_services: bool) -> tuple[list[str], list[str]]:
+    """(problems, notes) of the checks `run_study` makes before Ray starts, each caught separately so
+    all are reported together; the notes say what was not tried."""
+    from clinft_ray.preflight import check_judge, check_locations, check_tracking, trial_resources, uses_judge
+    from clinft_ray.study import finished, study_fingerprint
+    from clinft_ray.tracking import default_tracking_uri, redact_uri
+
+    cfg = study.config
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.output_dir)
+    notes = []
+
+    def done_before() -> None:
+        if finished(study, study_fingerprint(study)) is not None:
+            notes.append(f"{cfg.output_dir}: this study already finished there; clinft run would train nothing "
+                         "and print its results again")
+
+    checks = [lambda: check_locations(cfg), done_before]
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        notes.append("resources: not checked against the cluster (clinft run asks it before any trial starts)")
+    else:
+        checks.append(lambda: trial_resources(cfg.resources, _this_machine(cfg.ray.num_cpus)))
+    remote = {"mlflow.tracking_uri": redact_uri(uri)} if uri.startswith(("http://", "https://")) else {}
+    if uses_judge(cfg):
+        remote["judge.base_url"] = redact_uri(cfg.judge.base_url)
+    if check_services:
+        checks += [lambda: check_tracking(uri)] + ([lambda: check_judge(cfg.judge)] if uses_judge(cfg) else [])
+    else:
+        notes += [f"{k} {v}: not checked; pass --check-services to check that it answers" for k, v in remote.items()]
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except PreflightError as err:
+            problems += str(err).splitlines()
+    return problems, notes
+
+
+def _this_machine(num_cpus: int | None) -> dict[str, float]:
+    """What a local Ray would see here: the CPUs (or ray.num_cpus) and the CUDA GPUs."""
+    import torch
+
+    return {"CPU": float(num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
 def run(config: str | Path, overrides: list[str], out: str | None) -> int:
     from clinft_ray.report import results_table
-    from clinft_ray.study import PreflightError, mlflow_ui_command, run_study
+    from clinft_ray.study import mlflow_ui_command, run_study
 
     study = load_study(config, overrides, output_dir=out)
-    try:
-        results = run_study(study)
-    except PreflightError as err:
-        print(f"clinft: error: {err}", file=sys.stderr)
-        return 2
+    results = run_study(study)
     out_dir = study.config.output_dir
     print()
     print(results_table(results))

@@ -27,12 +27,14 @@ SPLITS = ("train", "eval", "dev", "test")
 
 
 class ConfigError(ValueError):
-    """A config or search-space file is invalid. `problems` holds one line per problem."""
+    """A config or search-space file is invalid. `problems` holds one line per problem; `sources` says
+    where each came from (the file, or the `--set` override that set the key)."""
 
-    def __init__(self, source: str, problems: list[str]):
+    def __init__(self, source: str, problems: list[str], sources: list[str] | None = None):
         self.source = source
         self.problems = problems
-        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+        self.sources = sources or [source] * len(problems)
+        super().__init__("\n".join(f"{s}: {p}" for s, p in zip(self.sources, problems, strict=True)))
 
 
 class _Strict(BaseModel):
@@ -323,30 +325,49 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError("--set", [f"{item!r} is not key=value; write e.g. --set seed=1"])
-        out.append((key.strip(), yaml.safe_load(value) if value else ""))
+        try:
+            out.append((key.strip(), yaml.safe_load(value) if value else ""))
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item}", ["the value is not valid YAML; quote it, e.g. --set 'key=\"...\"'"]) \
+                from None
     return out
 
 
-def apply_override(data: dict, key: str, value: Any) -> None:
-    """Set a dotted key (list items by index) in raw config data, creating missing mappings."""
+def apply_override(data: dict, key: str, value: Any) -> list[str]:
+    """Set a dotted key in raw config data, creating missing mappings. A list item is addressed by
+    index or, for items with a `name` (tasks), by name: `tasks.uti.scoring`. Returns the key with
+    list items by index."""
     parts = key.split(".")
     node: Any = data
+    where: list[str] = []
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError("--set", [f"{key}: {part!r} is not an index of a {len(node)}-item list"])
-            idx = int(part)
+            idx = _list_index(node, part, key, ".".join(parts[:i]))
+            where.append(str(idx))
             if last:
                 node[idx] = value
             node = node[idx]
         elif isinstance(node, dict):
+            where.append(part)
             if last:
                 node[part] = value
             else:
                 node = node.setdefault(part, {})
         else:
-            raise ConfigError("--set", [f"{key}: {'.'.join(parts[:i])} is not a mapping or list"])
+            raise ConfigError(f"--set {key}", [f"{'.'.join(parts[:i])} is not a mapping or list"])
+    return where
+
+
+def _list_index(items: list, part: str, key: str, parent: str) -> int:
+    if part.isdigit() and int(part) < len(items):
+        return int(part)
+    names = [item.get("name") for item in items if isinstance(item, dict)]
+    if part in names:
+        return names.index(part)
+    known = ", ".join(repr(n) for n in names if isinstance(n, str))
+    raise ConfigError(f"--set {key}", [f"{parent}: {part!r} is neither an index of the {len(items)}-item list nor "
+                                       f"the name of one of its items{f' ({known})' if known else ''}"])
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -381,24 +402,115 @@ def _known_fields(model: type[BaseModel], loc: tuple) -> list[str]:
     return sorted({name for m in models for name in m.model_fields})
 
 
+# Parts of a pydantic error location that name a branch of a union, not a key of the file.
+_BRANCH = re.compile(r"^(float|int|str|bool|none|fixed|[a-z-]+\[.*\])$")
+_PATTERNS = {
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]*$": "a name of letters, digits, '_', '.' and '-' that starts with a letter or digit",
+    r"^https?://": "an http:// or https:// URL",
+}
+
+
+def _accepts(e: dict[str, Any]) -> str:
+    """What a key accepts, in words, from one pydantic error."""
+    t, ctx = e["type"], e.get("ctx") or {}
+    bounds = {"greater_than": "above", "greater_than_equal": "at least", "less_than": "below",
+              "less_than_equal": "at most"}
+    if t in bounds:
+        bound = next(iter(ctx.values()))
+        if t == "greater_than" and type(bound) is int and type(e.get("input")) is int:
+            return f"a whole number of at least {bound + 1}"
+        return f"a value {bounds[t]} {bound:g}" if isinstance(bound, float | int) else f"a value {bounds[t]} {bound}"
+    if t == "literal_error":
+        return ctx.get("expected", "one of its listed values")
+    if t == "string_pattern_mismatch":
+        return _PATTERNS.get(ctx.get("pattern", ""), f"text matching {ctx.get('pattern')}")
+    if t == "too_short":
+        return f"at least {ctx.get('min_length')} item(s)" if ctx.get("field_type") != "Value" else "a longer value"
+    words = {"float": "a number", "int": "a whole number", "bool": "true or false", "string": "text",
+             "list": "a list", "tuple": "a list", "dict": "a mapping (key: value)", "model": "a mapping (key: value)",
+             "model_attributes": "a mapping (key: value)"}
+    for prefix, word in words.items():
+        if t.startswith(prefix + "_") or t == prefix:
+            return word
+    return e["msg"]
+
+
+def _shown_value(value: Any) -> str:
+    """A config value as an error may show it: short scalars as written, anything else by its kind."""
+    if isinstance(value, bool | int | float) or value is None:
+        return "null" if value is None else str(value).lower() if isinstance(value, bool) else f"{value:g}" \
+            if isinstance(value, float) else str(value)
+    if isinstance(value, str) and len(value) <= 60:
+        return repr(value)
+    if isinstance(value, list | dict) and not value:
+        return f"an empty {'list' if isinstance(value, list) else 'mapping'}"
+    return {list: "a list", dict: "a mapping"}.get(type(value), f"a {type(value).__name__}")
+
+
+def _key(loc: tuple) -> str:
+    shown = []
+    for i, p in enumerate(loc):
+        if isinstance(p, str) and (_BRANCH.match(p) or (p in TASK_KINDS and i and isinstance(loc[i - 1], int))):
+            continue
+        if shown and shown[-1] == p and p in ("grid", "choice", "loguniform"):
+            continue  # the tag of a swept value, then its own key
+        shown.append(p)
+    return ".".join(str(p) for p in shown) or "(top level)"
+
+
+def _tag_line(key: str, e: dict[str, Any]) -> str:
+    """A tagged union's tag is missing or unknown: `tasks.0.kind`, say which tags there are."""
+    ctx = e.get("ctx") or {}
+    field = ctx.get("discriminator", "").strip("'") or "kind"
+    tags = re.findall(r"'([^']+)'", ctx.get("expected_tags", "")) or list(TASK_KINDS)
+    what = "a task kind" if field == "kind" else f"a {field}"
+    if e["type"] == "union_tag_not_found":
+        return f"{key}.{field}: required key is missing; add one of {', '.join(tags)}"
+    tag = str(ctx.get("tag", ""))
+    hint = difflib.get_close_matches(tag, tags, n=1)
+    fix = f"did you mean {hint[0]!r}?" if hint else f"use one of {', '.join(tags)}"
+    return f"{key}.{field}: {_shown_value(tag)} is not {what}; {fix}"
+
+
 def format_errors(err: ValidationError, model: type[BaseModel]) -> list[str]:
-    """One line per pydantic error: dotted key, what is wrong, how to fix. Input values are not echoed."""
+    """One line per key: the dotted key, the value given (a short scalar; never a data row), and what
+    the key accepts, with a "did you mean" for unknown keys and names. The errors pydantic gives for
+    each branch of a union (`gpus_per_trial.float`, `gpus_per_trial.literal['auto']`) become one line."""
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for e in err.errors(include_url=False):
+        by_key.setdefault(_key(tuple(e["loc"])), []).append(e)
     lines = []
-    for e in err.errors(include_url=False, include_input=False):
-        loc = tuple(e["loc"])
-        shown = [p for i, p in enumerate(loc) if not (p in TASK_KINDS and i and isinstance(loc[i - 1], int))]
-        key = ".".join(str(p) for p in shown) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            known = _known_fields(model, loc[:-1])
-            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            fix = f"did you mean {hint[0]!r}?" if hint else f"allowed keys here: {', '.join(known)}"
-            lines.append(f"{key}: unknown key; {fix}")
-        elif e["type"] == "missing":
-            lines.append(f"{key}: required key is missing; add it")
-        else:
-            msg = re.sub(r"^Value error, ", "", e["msg"])
-            lines.append(f"{key}: {msg}")
+    for key, errors in by_key.items():
+        plain = []
+        for e in errors:
+            if e["type"] == "extra_forbidden":
+                known = _known_fields(model, tuple(e["loc"])[:-1])
+                hint = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+                fix = f"did you mean {hint[0]!r}?" if hint else f"allowed keys here: {', '.join(known)}"
+                lines.append(f"{key}: unknown key; {fix}")
+            elif e["type"] == "missing":
+                lines.append(f"{key}: required key is missing; add it")
+            elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+                lines.append(_tag_line(key, e))
+            elif e["type"] == "value_error":
+                msg = re.sub(r"^Value error, ", "", e["msg"])
+                lines.append(msg if key == "(top level)" and re.match(r"^[a-z_][\w.]*: ", msg) else f"{key}: {msg}")
+            else:
+                plain.append(e)
+        if plain:
+            lines.append(_value_line(key, plain))
     return lines
+
+
+def _value_line(key: str, errors: list[dict[str, Any]]) -> str:
+    accepts = list(dict.fromkeys(_accepts(e) for e in errors))
+    line = f"{key}: got {_shown_value(errors[0].get('input'))}; it takes {' or '.join(accepts)}"
+    value, expected = errors[0].get("input"), [e["ctx"]["expected"] for e in errors if e["type"] == "literal_error"]
+    if isinstance(value, str) and expected:
+        hint = difflib.get_close_matches(value, re.findall(r"'([^']+)'", " ".join(expected)), n=1)
+        if hint:
+            line += f"; did you mean {hint[0]!r}?"
+    return line
 
 
 def _resolve(base: Path, p: Path | str) -> Path:
@@ -423,15 +535,48 @@ def load_study(path: str | Path, overrides: list[str] | None = None, output_dir:
         raise ConfigError(str(source), [f"{line}not valid UTF-8 YAML; fix the syntax"]) from None
     if not isinstance(data, dict):
         raise ConfigError(str(source), ["the file must be a YAML mapping of keys (study:, model:, tasks:, ...)"])
-    for key, value in parse_overrides(overrides or []):
-        apply_override(data, key, value)
+    overrides = overrides or []
+    set_keys = []
+    for (key, value), item in zip(parse_overrides(overrides), overrides, strict=True):
+        try:
+            set_keys.append((apply_override(data, key, value), item))
+        except ConfigError as err:
+            raise ConfigError(f"--set {item}", err.problems) from None
     if output_dir is not None:
         data["output_dir"] = str(Path(output_dir).resolve())
+        set_keys.append((["output_dir"], f"--out {output_dir}"))
     try:
-        cfg = StudyConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(str(source), format_errors(err, StudyConfig)) from None
-    return _resolve_study(cfg, source)
+        try:
+            cfg = StudyConfig.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(str(source), format_errors(err, StudyConfig)) from None
+        return _resolve_study(cfg, source)
+    except ConfigError as err:
+        raise _by_origin(err, set_keys, data) from None
+
+
+def _by_origin(err: ConfigError, set_keys: list[tuple[list[str], str]], data: dict) -> ConfigError:
+    """The same problems, each credited to the `--set` (or `--out`) that set its key, else the file."""
+    sources = []
+    for problem, source in zip(err.problems, err.sources, strict=True):
+        key = problem.split(": ", 1)[0].split(" ", 1)[0].split(".")
+        origin = source
+        for parts, item in set_keys:
+            forms = [parts, _by_name(parts, data)]
+            if any(f[:len(key)] == key or key[:len(f)] == f for f in forms if f):
+                origin = f"--set {item}" if not item.startswith("--out") else item
+                break
+        sources.append(origin)
+    return ConfigError(err.source, err.problems, sources)
+
+
+def _by_name(parts: list[str], data: dict) -> list[str] | None:
+    """`tasks.0.x` as `tasks.uti.x`, the way the data checks name a task."""
+    tasks = data.get("tasks")
+    if len(parts) > 1 and parts[0] == "tasks" and parts[1].isdigit() and isinstance(tasks, list) \
+            and int(parts[1]) < len(tasks) and isinstance(tasks[int(parts[1])], dict):
+        return ["tasks", str(tasks[int(parts[1])].get("name")), *parts[2:]]
+    return None
 
 
 def _storage(base: Path, storage: str | None, output_dir: Path) -> str:

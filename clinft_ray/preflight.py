@@ -1,22 +1,23 @@
-"""Checks that run before any training: can this cluster, tracking server and storage run the study?
+"""Driver: checks that run before any training: can this cluster, tracking server, judge and storage run the study?
 
-Each failure is one `PreflightError` line that names the setting and the fix, raised within seconds:
-a trial that asks Ray for a GPU the cluster does not have would otherwise wait forever, a tracking
+Each failure is one `PreflightError` line that names the setting and the fix, raised within seconds: a trial that asks Ray for a GPU the cluster does not have would otherwise wait forever, a tracking
 server that does not answer would otherwise stall the first MLflow call in long retries, and storage
 that cannot be written would otherwise fail at the first checkpoint, after the first eval interval.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from clinft_ray.config import Resources
+from clinft_ray.config import JudgeConfig, Resources, StudyConfig
 from clinft_ray.tracking import redact_uri
 
 TRACKING_TIMEOUT_S = 5.0
+JUDGE_TIMEOUT_S = 30.0
 DRIVER_CPUS = 0.01  # what the Tune trial that only drives a multi-worker TorchTrainer holds
 
 
@@ -83,6 +84,8 @@ def check_tracking(uri: str) -> None:
 def check_storage(storage: str) -> None:
     """The storage path (a folder or a URI of a filesystem Ray supports) takes a small write."""
     name = f".clinft-write-check-{uuid.uuid4().hex}"
+    if "://" not in storage and (why := _writable_folder(Path(storage))):
+        raise PreflightError(f"storage_path {storage} is not writable: it {why}; give a folder every node can write")
     try:
         if "://" not in storage:
             folder = Path(storage)
@@ -101,3 +104,79 @@ def check_storage(storage: str) -> None:
         raise PreflightError(f"storage_path {redact_uri(storage)} is not writable ({type(exc).__name__}); give a "
                              "folder every node can write, or a URI with credentials set (e.g. AWS_* for s3://)") \
             from None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path != folder and folder in path.parents
+
+
+def _writable_folder(path: Path) -> str | None:
+    """Why `path` cannot become a folder this user writes (without creating anything), or None."""
+    if path.exists() and not path.is_dir():
+        return "is a file, not a folder"
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"is under {probe}, which is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return "is not writable by this user" if probe == path else f"cannot be created: {probe} is not writable"
+    return None
+
+
+def _data_folder_holding(place: Path, cfg: StudyConfig) -> tuple[str, Path] | None:
+    """(the split's key, its folder) of the first split whose folder holds `place`: a saved dataset's
+    folder, or a folder of split files. The output folder may be the folder of split files itself
+    (outputs beside the data, as the demo's beside its data/), not a folder inside it."""
+    for task in cfg.tasks:
+        for split in ("train", "eval", "dev", "test"):
+            data = Path(getattr(task.splits, split)).resolve()
+            folder = data if data.is_dir() else data.parent
+            if place == data or _inside(place, folder):
+                return f"tasks.{task.name}.splits.{split}", folder
+    return None
+
+
+def check_locations(cfg: StudyConfig) -> None:
+    """The output folder and a local storage path can be written, and sit outside the data: outputs
+    (checkpoints trained on the data, logs) inside a data folder would mix with it, and a saved
+    dataset folder's fingerprint would change under the study. Creates nothing. Every problem is one
+    line of one `PreflightError`."""
+    places = [("output_dir", Path(cfg.output_dir), "pass another --out (or output_dir)")]
+    default_storage = str(Path(cfg.output_dir) / "ray")  # goes where output_dir goes, checked with it
+    if cfg.storage_path and "://" not in cfg.storage_path and cfg.storage_path != default_storage:
+        places.append(("storage_path", Path(cfg.storage_path), "set storage_path to another folder"))
+    problems = []
+    for key, place, fix in places:
+        place = place.resolve()
+        if why := _writable_folder(place):
+            problems.append(f"{key} {place} {why}; {fix}")
+            continue
+        if found := _data_folder_holding(place, cfg):
+            where, folder = found
+            problems.append(f"{key} {place} is inside the data folder {folder} of {where}; keep outputs out of the "
+                            f"data: {fix}")
+    if problems:
+        raise PreflightError("\n".join(problems))
+
+
+def check_judge(judge: JudgeConfig) -> None:
+    """The judge answers one chat completion (a fixed word, no patient text) with no retries."""
+    from openai import OpenAI, OpenAIError
+
+    key = os.environ.get(judge.api_key_env, "") if judge.api_key_env else ""
+    client = OpenAI(base_url=judge.base_url, api_key=key or "not-needed", max_retries=0,
+                    timeout=min(judge.timeout_s, JUDGE_TIMEOUT_S))
+    try:
+        client.chat.completions.create(model=judge.model, messages=[{"role": "user", "content": "Reply: ok"}],
+                                       max_tokens=1, temperature=0)
+    except OpenAIError as exc:
+        raise PreflightError(f"judge.base_url {redact_uri(judge.base_url)} does not answer a chat completion for "
+                             f"judge.model {judge.model!r} ({type(exc).__name__}); start the judge server or fix "
+                             "judge.base_url, judge.model or judge.api_key_env") from None
+
+
+def uses_judge(cfg: StudyConfig) -> bool:
+    """Whether a task of the study is graded by the judge (summaries, or reasoning with grading: judge)."""
+    return cfg.judge is not None and any(t.kind == "summarization" or getattr(t, "grading", "") == "judge"
+                                         for t in cfg.tasks)

@@ -33,12 +33,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _once(values: list[float], form: str) -> list[float]:
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{form} lists {', '.join(f'{v:g}' for v in repeated)} more than once; list each value once "
+                         "(a repeated value would run the same trial twice)")
+    return values
+
+
 class Grid(_Strict):
     grid: list[float] = Field(min_length=1)
+
+    @field_validator("grid")
+    @classmethod
+    def _unique(cls, values: list[float]) -> list[float]:
+        return _once(values, "grid")
 
 
 class Choice(_Strict):
     choice: list[float] = Field(min_length=1)
+
+    @field_validator("choice")
+    @classmethod
+    def _unique(cls, values: list[float]) -> list[float]:
+        return _once(values, "choice")
 
 
 class LogUniform(_Strict):
@@ -87,6 +105,19 @@ Param = Annotated[
 ]
 
 
+def _values(p: Param | None) -> list[float]:
+    """The numbers a swept value names: the fixed value, the grid or choices, or the loguniform bounds."""
+    if p is None:
+        return []
+    if isinstance(p, Grid):
+        return p.grid
+    if isinstance(p, Choice):
+        return p.choice
+    if isinstance(p, LogUniform):
+        return list(p.loguniform)
+    return [p]
+
+
 def _check_sweep(value: Any) -> Any:
     if isinstance(value, dict) and (len(value) != 1 or next(iter(value)) not in SWEEPS):
         keys = list(value)
@@ -119,6 +150,17 @@ class SearchSpace(_Strict):
     def _sweep_form(cls, value: Any) -> Any:
         return _check_sweep(value)
 
+    @field_validator("learning_rate", "beta")
+    @classmethod
+    def _positive(cls, value: Param | None, info: Any) -> Param | None:
+        """A learning rate or beta of 0 or below (or not finite) trains nothing, or backwards."""
+        bad = [v for v in _values(value) if not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise ValueError(f"{', '.join(f'{v:g}' for v in bad)} {'is' if len(bad) == 1 else 'are'} not positive; every "
+                             f"{info.field_name} must be above 0, e.g. "
+                             f"{'1.0e-5' if info.field_name == 'learning_rate' else '0.1'}")
+        return value
+
     @field_validator("scheduler", mode="before")
     @classmethod
     def _scheduler_form(cls, value: Any) -> Any:
@@ -134,22 +176,20 @@ class SearchSpace(_Strict):
         if self.stage == "sft" and self.beta is not None:
             raise ValueError("beta is a DPO hyperparameter; remove it from the sft space")
         if self.eval_steps > self.max_steps:
-            raise ValueError(
-                f"eval_steps {self.eval_steps} > max_steps {self.max_steps}: no checkpoint would be "
-                "scored; lower eval_steps"
-            )
+            raise ValueError(f"eval_steps: {self.eval_steps} > max_steps {self.max_steps}: no checkpoint would be "
+                             "scored; lower eval_steps")
         if self.scheduler is not None:
             self._check_asha(self.scheduler.asha)
         return self
 
     def _check_asha(self, asha: Asha) -> None:
         if asha.grace_steps % self.eval_steps:
-            raise ValueError(f"scheduler.asha.grace_steps {asha.grace_steps} is not a multiple of eval_steps "
+            raise ValueError(f"scheduler.asha.grace_steps: {asha.grace_steps} is not a multiple of eval_steps "
                              f"{self.eval_steps}: trials are compared where they report a dev score; use "
                              f"{max(self.eval_steps, asha.grace_steps // self.eval_steps * self.eval_steps)}")
         if asha.grace_steps >= self.max_steps:
-            raise ValueError(f"scheduler.asha.grace_steps {asha.grace_steps} >= max_steps {self.max_steps}: no trial "
-                             "could stop early; lower grace_steps, or drop scheduler")
+            raise ValueError(f"scheduler.asha.grace_steps: {asha.grace_steps} is not shorter than the trial (max_steps "
+                             f"{self.max_steps}), so no trial could stop early; lower grace_steps, or drop scheduler")
 
     def swept(self) -> dict[str, Param]:
         """The hyperparameters a trial receives in its Tune config."""

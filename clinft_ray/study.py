@@ -24,7 +24,16 @@ from clinft_ray.data import DataError, Example, fingerprint, leakage_problems
 from clinft_ray.dpo import run_dpo
 from clinft_ray.evaluate import Scored
 from clinft_ray.figures import cost_bars, eval_curves, outcome_bars
-from clinft_ray.preflight import PreflightError, TrialResources, check_storage, check_tracking, trial_resources
+from clinft_ray.preflight import (
+    PreflightError,
+    TrialResources,
+    check_judge,
+    check_locations,
+    check_storage,
+    check_tracking,
+    trial_resources,
+    uses_judge,
+)
 from clinft_ray.progress import Progress, scored_from_json, scored_to_json, stage_from_json, stage_to_json
 from clinft_ray.report import write_outputs
 from clinft_ray.sft import run_sft
@@ -54,6 +63,7 @@ def run_study(study: Study) -> dict[str, Any]:
     """
     cfg = study.config
     data = check_data(study)  # every split checked before any compute
+    check_locations(cfg)  # before anything is written: the output folder and storage are usable
     key = study_fingerprint(study)
     done = finished(study, key)
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.output_dir)
@@ -68,6 +78,8 @@ def run_study(study: Study) -> dict[str, Any]:
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     check_tracking(uri)  # seconds, before Ray starts: a dead server is reported before anything runs
     check_storage(cfg.storage_path)
+    if uses_judge(cfg):
+        check_judge(cfg.judge)
     progress = Progress(cfg.output_dir / "progress.json", cfg.study, key)
     resources = start_ray(study)
     tracker = Tracker(uri, cfg.mlflow.experiment or cfg.study, artifact_dir=cfg.output_dir / "mlartifacts")

@@ -128,3 +128,26 @@ def test_saved_dataset_folder_and_csv_splits(demo_dir, tmp_path):
                  "tasks.0.splits.test=test.csv")
     assert res.returncode == 0, res.stderr
     assert "dev 100 rows, test 200 rows" in res.stdout
+
+
+def test_debug_is_taken_before_or_after_the_command():
+    from clinft_ray.cli import make_parser
+
+    parser = make_parser()
+    assert parser.parse_args(["--debug", "validate", "s.yaml"]).debug
+    assert parser.parse_args(["run", "s.yaml", "--debug"]).debug
+    assert not parser.parse_args(["validate", "s.yaml", "--check-services"]).debug
+
+
+def test_where_names_our_frame_and_the_library_frame_that_raised():
+    from clinft_ray import cli
+    from clinft_ray.data import _prompt_key
+
+    try:
+        _prompt_key([object()])  # json cannot encode it: raised inside the json library
+    except TypeError as exc:
+        assert cli.where(exc) == "clinft_ray.data:_prompt_key (raised in json.encoder:default)"
+    try:
+        raise KeyError("x")
+    except KeyError as exc:  # no clinft_ray frame: the innermost frame
+        assert cli.where(exc) == f"{__name__}:test_where_names_our_frame_and_the_library_frame_that_raised"
