@@ -3,6 +3,8 @@
     clinft run study.yaml [--out DIR] [--set key=value ...]   run a study (local GPUs, CPU, or a Ray cluster)
     clinft demo [--out DIR] [--tasks all] [--set key=value ...]   the built-in demo, no downloads, CPU is fine
     clinft validate study.yaml [--set key=value ...]          check the config and every split, load no model
+    clinft report OUTPUT_DIR [--set stats.alpha=0.01 ...]      redo a finished study's statistics, costs and
+                                                              reports (stats.*, cost.*), no training
 
 Exit codes: 0 done, 2 bad config, data or resources (one line per problem, no row text), 1 anything else.
 """
@@ -35,6 +37,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="classification",
                    help="classification (default, ~3 min on 2 CPUs), all, or a comma list of task kinds")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p = sub.add_parser("report", help="rebuild a finished study's statistics, reports and figures (no training)")
+    p.add_argument("output_dir", help="the output directory of a finished study")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a stats.* or cost.* setting, e.g. stats.alpha=0.01 or cost.gpu_hour_usd=3.1")
     return parser
 
 
@@ -50,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             return validate(args.config, args.set)
         if args.command == "demo":
             return demo(args.out, args.tasks, args.set)
+        if args.command == "report":
+            return report(args.output_dir, args.set)
         else:
             config, out = args.config, args.out
         return run(config, args.set, out)
@@ -88,6 +96,22 @@ def validate(config: str, overrides: list[str]) -> int:
     for name, splits in data.items():
         print(f"{name}: " + ", ".join(f"{s} {len(rows)} rows" for s, rows in splits.items()))
     print(f"{config}: OK ({study.sft_space.num_trials()} SFT + {study.dpo_space.num_trials()} DPO trials per task)")
+    return 0
+
+
+def report(output_dir: str, overrides: list[str]) -> int:
+    """Rebuild results.json's statistics and costs, the reports and figures of a finished study from
+    its stored outcomes and device-hours, and update its MLflow runs; loads no model, starts no Ray."""
+    from clinft_ray.outputs import rebuild
+    from clinft_ray.report import results_table
+
+    results = rebuild(output_dir, overrides)
+    out = Path(output_dir).resolve()
+    print(results_table(results))
+    print()
+    print(results["multiple_comparisons"]["footnote"])
+    print(f"results: {out / 'results.json'}")
+    print(f"report:  {out / 'report.md'}")
     return 0
 
 

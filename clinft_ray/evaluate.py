@@ -13,7 +13,7 @@ memory only: no text leaves this module except to the configured judge.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from clinft_ray.config import ClassificationTask, ReasoningTask, TaskConfig, TriageTask
@@ -40,6 +40,9 @@ class Scored:
     ids: list[str]
     outcomes: dict[str, list[Any]]
     answers: list[str]  # the model's answers: in memory only, logged only with mlflow.log_examples
+    # Label outcomes only (classification, triage): outcome -> {"gold": [...], "prediction": [...]},
+    # labels from the config (`tasks.NO_LABEL` for an unparseable answer), for the clinical metrics.
+    labels: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
 
 def render(tokenizer: Any, prompt: Any, answer: str | None = None) -> tuple[str, str | None]:
@@ -127,7 +130,20 @@ def score_split(model: Any, tokenizer: Any, task: TaskConfig, examples: list[Exa
         metrics, outcomes, answers = _score(model, tokenizer, task, examples, max_length, judge)
     finally:
         model.train(was_training)
-    return Scored(metrics=metrics, ids=[e.id for e in examples], outcomes=outcomes, answers=answers)
+    return Scored(metrics=metrics, ids=[e.id for e in examples], outcomes=outcomes, answers=answers,
+                  labels=predicted_labels(task, examples, answers))
+
+
+def predicted_labels(task: TaskConfig, examples: list[Example], answers: list[str]) -> dict[str, dict[str, list[str]]]:
+    """Gold and predicted label per example for each label outcome, parsed from the answers as the
+    task's metrics parse them; empty for reasoning and summaries."""
+    if isinstance(task, ClassificationTask):
+        return {"correct": {"gold": [e.chosen for e in examples], "prediction": [parse_label(a, task.labels) for a in answers]}}
+    if isinstance(task, TriageTask):
+        gold = [parse_triage(e.chosen, task) for e in examples]
+        pred = [parse_triage(a, task) for a in answers]
+        return {f"correct_{n}": {"gold": [g[n] for g in gold], "prediction": [p[n] for p in pred]} for n in task.label_sets}
+    return {}
 
 
 def _score(model: Any, tok: Any, task: TaskConfig, examples: list[Example], max_length: int,

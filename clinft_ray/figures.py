@@ -1,7 +1,8 @@
 """Figures for the report and MLflow (PNG, matplotlib's Agg backend: no display needed).
 
 - `outcome_bars`: per task, grouped bars of base / SFT / DPO on test for each outcome's metric, with the
-  paired p-values marked over brackets (like the paper's Figure 2; * = below the Bonferroni threshold);
+  paired p-values marked over brackets (like the paper's Figure 2; * = significant after the multiple-
+  comparison correction);
 - `eval_curves`: per task and stage, the eval-loss curve of every trial with the selected (trial, step)
   marked;
 - `cost_bars`: device-hours per stage and task (GPU-hours, or CPU-hours on a machine without GPUs).
@@ -26,8 +27,9 @@ def _plt():
     return plt
 
 
-def outcome_bars(task_name: str, task: dict[str, Any], threshold: float, path: Path) -> Path:
-    """Grouped bars of each outcome metric per stage on test, p-values over brackets."""
+def outcome_bars(task_name: str, task: dict[str, Any], rule: str, path: Path) -> Path:
+    """Grouped bars of each outcome metric per stage on test, p-values over brackets; `rule` says
+    what * marks (e.g. "p < 0.01")."""
     plt = _plt()
     metrics = list(task["outcomes"].items())
     fig, ax = plt.subplots(figsize=(max(4.0, 2.6 * len(metrics)), 4.2))
@@ -53,7 +55,7 @@ def outcome_bars(task_name: str, task: dict[str, Any], threshold: float, path: P
     ax.set_xticks(range(len(metrics)), [m for _, m in metrics])
     ax.set_ylim(0, top)
     ax.set_ylabel("test")
-    ax.set_title(f"{task_name}: base vs SFT vs DPO on test (* p < {threshold:.2g})", fontsize=10)
+    ax.set_title(f"{task_name}: base vs SFT vs DPO on test (* {rule})", fontsize=10)
     ax.legend(loc="upper left", fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=150)

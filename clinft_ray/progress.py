@@ -5,7 +5,7 @@
 and its test scoring). It is rewritten whole (a temporary file, then a rename) after each step, so a
 kill at any moment leaves the last complete version. A sweep that was running resumes through Ray
 Tune's own experiment state, each unfinished trial from its latest checkpoint (see `sweep.run_sweep`).
-Only numbers, ids and paths are kept: test answers are not.
+Only numbers, ids, paths and labels from the config are kept: test answers are not.
 """
 
 from __future__ import annotations
@@ -62,11 +62,12 @@ class Progress:
 
 
 def scored_to_json(scored: Scored) -> dict[str, Any]:
-    return {"metrics": scored.metrics, "ids": scored.ids, "outcomes": scored.outcomes}
+    return {"metrics": scored.metrics, "ids": scored.ids, "outcomes": scored.outcomes, "labels": scored.labels}
 
 
 def scored_from_json(data: dict[str, Any]) -> Scored:
-    return Scored(metrics=data["metrics"], ids=data["ids"], outcomes=data["outcomes"], answers=[])
+    return Scored(metrics=data["metrics"], ids=data["ids"], outcomes=data["outcomes"], answers=[],
+                  labels=data.get("labels", {}))
 
 
 def stage_to_json(stage: StageResult) -> dict[str, Any]:

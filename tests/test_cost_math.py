@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from clinft_ray.analysis import task_costs
 from clinft_ray.config import CostConfig
-from clinft_ray.study import task_costs
 from clinft_ray.tracking import device_hours, error_kind, redact_uri
 
 
