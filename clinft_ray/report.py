@@ -62,7 +62,7 @@ def effect_rows(results: dict[str, Any]) -> Table:
     for name, t in results["tasks"].items():
         for c in t["comparisons"]:
             if c["test"].startswith("mcnemar"):
-                effect = (f"b={c['b']}, c={c['c']}, OR b/c {c['odds_ratio']:.2f} {_ci(c['odds_ratio_ci'], '.2f')}"
+                effect = (f"b={c['discordant_b']}, c={c['discordant_c']}, OR b/c {c['odds_ratio']:.2f} {_ci(c['odds_ratio_ci'], '.2f')}"
                           + (" (Haldane +0.5)" if c["odds_ratio_method"].endswith("haldane") else ""))
             else:
                 effect = f"mean diff {_num(c['mean_diff'])} {_ci(c['mean_diff_ci'])}, d_z {_num(c['d_z'], '.2f')}"

@@ -8,7 +8,7 @@ undefined (a t statistic with zero variance, a CI from one example) it is None.
   b = examples A got right and B wrong, c = the reverse. With fewer than `EXACT_BELOW` discordant pairs
   the exact binomial test is used (two-sided, B(b + c, 1/2)); otherwise the chi-square statistic with
   continuity correction, (|b - c| - 1)^2 / (b + c), on 1 degree of freedom (statsmodels'
-  `mcnemar(exact=...)` chosen automatically). Effect: the conditional odds ratio b / c (> 1: A right
+  `mcnemar(exact=...)` chosen automatically). Effect (`discordant_b`, `discordant_c` and): the conditional odds ratio b / c (> 1: A right
   more often) with a Wald CI on the log scale, exp(log(b / c) +- 1.96 sqrt(1/b + 1/c)); when b or c is
   0, 0.5 is added to both (Haldane-Anscombe), so the ratio and its CI stay finite.
 - The two-tailed paired t-test (`scipy.stats.ttest_rel`) for scores such as Likert ratings. Effect:
@@ -73,7 +73,7 @@ def mcnemar(a_correct: list[bool], b_correct: list[bool]) -> TestResult:
     """McNemar's test on paired binary outcomes (same examples, same order), with b, c and the odds ratio."""
     b, c = discordant(a_correct, b_correct)
     n = b + c
-    effect = {"b": b, "c": c, **odds_ratio(b, c)}
+    effect = {"discordant_b": b, "discordant_c": c, **odds_ratio(b, c)}
     if n == 0:
         return TestResult("mcnemar_exact", 0.0, 1.0, effect)
     if n < EXACT_BELOW:

@@ -127,7 +127,7 @@ def test_mcnemar_reports_discordant_counts_and_odds_ratio_with_wald_ci():
     95% CI = exp(log(1/3) +- 1.959964 * 0.365148) = exp(-1.098612 +- 0.715676) = exp(-1.814288), exp(-0.382936)
     = [0.162954, 0.681857]."""
     e = mcnemar(*pairs(10, 30, both=5)).effect
-    assert (e["b"], e["c"], e["odds_ratio_method"]) == (10, 30, "wald_log")
+    assert (e["discordant_b"], e["discordant_c"], e["odds_ratio_method"]) == (10, 30, "wald_log")
     assert e["odds_ratio"] == pytest.approx(1 / 3)
     assert e["odds_ratio_ci"] == pytest.approx([math.exp(-1.098612 - 0.715676), math.exp(-1.098612 + 0.715676)],
                                                rel=1e-5)

@@ -47,14 +47,28 @@ def test_output_files_exist_and_agree(demo):
     assert results["alpha"] == 0.05 and results["threshold"] == pytest.approx(0.05 / len(study.config.tasks))
     assert task["stages"]["sft"]["trials"] == 4 and task["stages"]["dpo"]["trials"] == 12
     outcomes = [json.loads(line) for line in (out / "outcomes.jsonl").read_text().splitlines()]
-    assert set(outcomes[0]) == {"task", "stage", "id", "correct"}  # no text of any kind
+    assert set(outcomes[0]) == {"task", "stage", "id", "correct", "gold", "prediction"}  # labels, no text
+    assert all(o["gold"] in ("UTI", "pyuria") and (o["gold"] == o["prediction"]) == o["correct"] for o in outcomes)
     for stage in ("base", "sft", "dpo"):
         rows = [o for o in outcomes if o["stage"] == stage]
         assert len(rows) == task["n_test"] == 200
         accuracy = sum(o["correct"] for o in rows) / len(rows)
         assert accuracy == pytest.approx(task["stages"][stage]["test"]["accuracy"])
     report = (out / "report.md").read_text()
-    assert "| uti | f1 |" in report and "DPO/SFT cost" in report
+    assert "| uti | f1 |" in report and "DPO/SFT cost" in report and "McNemar (of accuracy)" in report
+    json.dumps(results, allow_nan=False)  # no NaN or inf anywhere
+    for comp in task["comparisons"]:  # effect sizes with their CIs, and the bootstrap of each metric
+        assert comp["discordant_b"] + comp["discordant_c"] <= 200
+        assert comp["odds_ratio_ci"][0] <= comp["odds_ratio"] <= comp["odds_ratio_ci"][1]
+        assert set(comp["bootstrap"]) == {"f1", "accuracy"}
+        a, b = task["stages"][comp["a"]]["test"], task["stages"][comp["b"]]["test"]
+        for metric, boot in comp["bootstrap"].items():
+            assert boot["diff"] == pytest.approx(a[metric] - b[metric])  # recomputed from the outcomes
+            assert boot["ci"][0] <= boot["diff"] <= boot["ci"][1]
+    for stage in ("base", "sft", "dpo"):
+        uti = task["clinical"][stage]["correct"]["per_label"]["UTI"]
+        assert uti["tp"] + uti["fp"] + uti["fn"] + uti["tn"] == 200
+        assert sum(map(sum, task["clinical"][stage]["correct"]["confusion"]["counts"])) == 200
 
 
 def test_the_demo_shows_learning(demo):
