@@ -179,15 +179,22 @@ def study_statistics(cfg: StudyConfig, results: dict[str, Any], rows: list[dict[
 
 def reprice(cfg: StudyConfig, results: dict[str, Any]) -> None:
     """Every stage's `cost_usd` from its device-hours at `cfg.cost`'s prices, then the task and study sums."""
+    def price(h: dict[str, float]) -> float:
+        return h.get("gpu_hours", 0.0) * cfg.cost.gpu_hour_usd + h.get("cpu_hours", 0.0) * cfg.cost.cpu_hour_usd
+
     for t in results["tasks"].values():
         for st in t["stages"].values():
-            st["cost_usd"] = st["gpu_hours"] * cfg.cost.gpu_hour_usd + st["cpu_hours"] * cfg.cost.cpu_hour_usd
+            st["cost_usd"] = price(st)
+            for part in st.get("hours_by", {}).values():
+                part["cost_usd"] = price(part)
         t.update(task_costs(t["stages"]))
     results["totals"] = {k: sum(t[k] for t in results["tasks"].values()) for k in ("gpu_hours", "cpu_hours", "cost_usd")}
 
 
 def task_costs(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Device-hours per stage and in all, and DPO's cost over SFT's (GPU-hours, or CPU-hours without GPUs)."""
+    """Device-hours per stage and in all, and DPO's cost over SFT's (GPU-hours, or CPU-hours without
+    GPUs): `dpo_sft_cost_ratio` for everything each stage ran (trials, reference pass, test scoring),
+    `dpo_sft_train_cost_ratio` for the trials alone (None for results without the split)."""
     costs: dict[str, Any] = {}
     for unit in ("gpu_hours", "cpu_hours", "cost_usd"):
         costs[unit] = sum(s[unit] for s in stages.values())
@@ -196,5 +203,7 @@ def task_costs(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     basis = "gpu_hours" if costs["sft_gpu_hours"] else "cpu_hours"
     sft_cost = costs[f"sft_{basis}"]
     costs["dpo_sft_cost_ratio"] = costs[f"dpo_{basis}"] / sft_cost if sft_cost else None
+    trials = [stages[n].get("hours_by", {}).get("trials", {}).get(basis) for n in ("sft", "dpo")]
+    costs["dpo_sft_train_cost_ratio"] = trials[1] / trials[0] if trials[0] and trials[1] is not None else None
     costs["cost_basis"] = basis
     return costs

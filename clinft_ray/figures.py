@@ -88,16 +88,29 @@ def eval_curves(task_name: str, stage: str, curves: dict[str, list[tuple[int, fl
     return path
 
 
+PARTS = {"trials": ("", 1.0), "reference": ("//", 0.75), "test_eval": ("..", 0.5)}  # hatch, opacity
+
+
 def cost_bars(results: dict[str, Any], path: Path) -> Path:
-    """Device-hours per stage for every task; GPU-hours where any were used, else CPU-hours."""
+    """Device-hours per stage for every task (GPU-hours where any were used, else CPU-hours), each
+    bar stacked by what the hours paid for: trials, DPO's reference pass, test scoring."""
     plt = _plt()
     tasks = list(results["tasks"])
     unit = "gpu_hours" if any(t["gpu_hours"] for t in results["tasks"].values()) else "cpu_hours"
     fig, ax = plt.subplots(figsize=(max(4.0, 1.8 * len(tasks)), 3.8))
     width = 0.26
     for k, s in enumerate(STAGES):
-        values = [results["tasks"][t]["stages"][s][unit] for t in tasks]
-        ax.bar([i + (k - 1) * width for i in range(len(tasks))], values, width * 0.95, color=COLORS[s], label=LABELS[s])
+        xs = [i + (k - 1) * width for i in range(len(tasks))]
+        bottom = [0.0] * len(tasks)
+        for part, (hatch, opacity) in PARTS.items():
+            values = []
+            for t in tasks:
+                st = results["tasks"][t]["stages"][s]
+                by = st.get("hours_by") or {"trials": {unit: st[unit]}}  # results without the split
+                values.append(by.get(part, {}).get(unit, 0.0))
+            label = LABELS[s] if part == "trials" else (part.replace("_", " ") if k == 2 else None)
+            ax.bar(xs, values, width * 0.95, bottom=bottom, color=COLORS[s], alpha=opacity, hatch=hatch, label=label)
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel(unit.replace("_", "-"))
     ax.set_title("cost per stage", fontsize=10)

@@ -106,11 +106,22 @@ def selection_rows(results: dict[str, Any]) -> Table:
     return ["task", "stage", "selected", "step", "dev"], rows
 
 
+PARTS = ("trials", "reference", "test_eval")
+
+
 def cost_rows(results: dict[str, Any]) -> Table:
-    """Trials, device-hours and cost per stage."""
-    rows = [[name, s, str(st["trials"]), f"{st['gpu_hours']:.4f}", f"{st['cpu_hours']:.4f}", _usd(st["cost_usd"])]
-            for name, t in results["tasks"].items() for s, st in ((s, t["stages"][s]) for s in STAGES)]
-    return ["task", "stage", "trials", "GPU-hours", "CPU-hours", "cost (USD)"], rows
+    """Trials, device-hours and cost per stage, and the device-hours split by what they paid for
+    (trials: training and dev scoring; DPO's reference pass; test scoring) in the task's cost basis."""
+    rows = []
+    for name, t in results["tasks"].items():
+        unit = t["cost_basis"]
+        for s in STAGES:
+            st = t["stages"][s]
+            by = st.get("hours_by", {})
+            split = " / ".join(f"{by.get(p, {}).get(unit, 0.0):.4f}" for p in PARTS) if by else "n/a"
+            rows.append([name, s, str(st["trials"]), f"{st['gpu_hours']:.4f}", f"{st['cpu_hours']:.4f}", split,
+                         _usd(st["cost_usd"])])
+    return ["task", "stage", "trials", "GPU-hours", "CPU-hours", "trials / reference / test eval", "cost (USD)"], rows
 
 
 def _usd(x: float) -> str:
@@ -118,8 +129,14 @@ def _usd(x: float) -> str:
 
 
 def cost_ratios(results: dict[str, Any]) -> list[str]:
-    return [f"{name}: DPO/SFT cost = {t['dpo_sft_cost_ratio']:.2f}x ({t['cost_basis'].replace('_', '-')})"
-            for name, t in results["tasks"].items() if t["dpo_sft_cost_ratio"] is not None]
+    out = []
+    for name, t in results["tasks"].items():
+        if t["dpo_sft_cost_ratio"] is None:
+            continue
+        train = t.get("dpo_sft_train_cost_ratio")
+        out.append(f"{name}: DPO/SFT cost = {t['dpo_sft_cost_ratio']:.2f}x ({t['cost_basis'].replace('_', '-')}, "
+                   "everything each stage ran)" + (f"; {train:.2f}x for the trials alone" if train is not None else ""))
+    return out
 
 
 def markdown(table: Table) -> str:

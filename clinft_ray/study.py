@@ -156,9 +156,10 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
                      run_dpo(study, task, tracker, task_run, resources, sweeps["sft"], progress))
             log.info("[%s] %s selected %s at step %d (dev %s %.3f)", task.name, stage.upper(), _hp(sweep.hparams),
                      sweep.selected.step, task.metric, sweep.selected.dev)
-            test = evaluate(study, task, sweep.checkpoint, resources).test
+            scoring = evaluate(study, task, sweep.checkpoint, resources)
+            test = scoring.test
             log_examples(study, tracker, sweep.run_id, task.name, stage, test, data["test"])
-            done = {"entry": log_stage(tracker, sweep, test, task.metric), "test": scored_to_json(test),
+            done = {"entry": log_stage(tracker, sweep, test, task.metric, scoring.hours), "test": scored_to_json(test),
                     "sweep": stage_to_json(sweep)}
             progress.put(f"{task.name}/{stage}", done)
         stages[stage], scored[stage] = done["entry"], scored_from_json(done["test"])
@@ -343,31 +344,48 @@ def log_examples(study: Study, tracker: Tracker, run: str, task: str, stage: str
     tracker.artifact(run, path, "examples")
 
 
+def hours_split(parts: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """A stage's device-hours by what they paid for (`trials`: training and dev scoring inside the
+    trials; `reference`: DPO's reference log-probs; `test_eval`: scoring the selected model on test,
+    and dev for the base model), and their totals. Each part is counted once."""
+    parts = {k: v for k, v in parts.items() if v}
+    totals = {u: sum(p.get(u, 0.0) for p in parts.values()) for u in ("gpu_hours", "cpu_hours", "cost_usd")}
+    return {**totals, "hours_by": parts}
+
+
+def _hour_metrics(entry: dict[str, Any]) -> dict[str, float]:
+    return {**{u: entry[u] for u in ("gpu_hours", "cpu_hours", "cost_usd")},
+            **{f"{u}/{part}": v for part, h in entry["hours_by"].items() for u, v in h.items()}}
+
+
 def log_base(tracker: Tracker, run: str, base: Evaluated) -> dict[str, Any]:
+    hours = hours_split({"test_eval": base.hours})
     tracker.metrics(run, {**{f"test/{k}": v for k, v in base.test.metrics.items()},
-                          **{f"dev/{k}": v for k, v in base.dev.metrics.items()}, **base.hours})
+                          **{f"dev/{k}": v for k, v in base.dev.metrics.items()}, **_hour_metrics(hours)})
     tracker.end(run)
-    return {"dev": base.dev.metrics, "test": base.test.metrics, "trials": 0, **base.hours}
+    return {"dev": base.dev.metrics, "test": base.test.metrics, "trials": 0, **hours}
 
 
-def log_stage(tracker: Tracker, stage: StageResult, test: Scored, metric: str) -> dict[str, Any]:
-    """Record a finished sweep on its stage run and return its `results.json` entry."""
+def log_stage(tracker: Tracker, stage: StageResult, test: Scored, metric: str,
+              test_hours: dict[str, float]) -> dict[str, Any]:
+    """Record a finished sweep on its stage run and return its `results.json` entry; its device-hours
+    are the trials', the reference pass's (DPO) and the test scoring's."""
+    hours = hours_split({"trials": {"gpu_hours": stage.gpu_hours, "cpu_hours": stage.cpu_hours,
+                                    "cost_usd": stage.cost_usd},
+                         "reference": stage.reference_hours, "test_eval": test_hours})
     selected = {**stage.hparams, "step": stage.selected.step, "trial": stage.selected_trial,
                 "mlflow_run_id": stage.selected_run_id}
     tracker.params(stage.run_id, {f"selected.{k}": v for k, v in selected.items()})
     tracker.tag(stage.run_id, "clinft.selected_run_id", stage.selected_run_id)
     tracker.metrics(stage.run_id, {f"dev/{metric}": stage.selected.dev, **{f"test/{k}": v for k, v in test.metrics.items()},
-                                   "trials": stage.trials, "gpu_hours": stage.gpu_hours, "cpu_hours": stage.cpu_hours,
-                                   "cost_usd": stage.cost_usd})
+                                   "trials": stage.trials, **_hour_metrics(hours)})
     tracker.end(stage.run_id)
     return {
         "selected": selected,
         "dev": {metric: stage.selected.dev},
         "test": test.metrics,
         "trials": stage.trials,
-        "gpu_hours": stage.gpu_hours,
-        "cpu_hours": stage.cpu_hours,
-        "cost_usd": stage.cost_usd,
+        **hours,
         "checkpoint": stage.checkpoint,
     }
 

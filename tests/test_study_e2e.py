@@ -119,10 +119,18 @@ def test_mlflow_run_tree(demo):
     for stage in ("sft", "dpo"):
         trials = _children(runs, stages[stage].info.run_id)
         total = sum(r.data.metrics["cpu_hours"] for r in trials)
-        assert stages[stage].data.metrics["cpu_hours"] == pytest.approx(total)
-        assert results["tasks"]["uti"]["stages"][stage]["cpu_hours"] == pytest.approx(total)
+        entry = results["tasks"]["uti"]["stages"][stage]
+        by = {part: h["cpu_hours"] for part, h in entry["hours_by"].items()}
+        assert by["trials"] == pytest.approx(total) and by["test_eval"] > 0  # the test scoring is counted
+        assert ("reference" in by and by["reference"] > 0) == (stage == "dpo")  # so is DPO's reference pass
+        assert entry["cpu_hours"] == pytest.approx(sum(by.values()))
+        assert stages[stage].data.metrics["cpu_hours"] == pytest.approx(entry["cpu_hours"])
+        assert stages[stage].data.metrics["cpu_hours/trials"] == pytest.approx(total)
+    assert results["tasks"]["uti"]["stages"]["base"]["hours_by"]["test_eval"]["cpu_hours"] > 0
     assert task_run.data.metrics["dpo_sft_cost_ratio"] == pytest.approx(
         stages["dpo"].data.metrics["cpu_hours"] / stages["sft"].data.metrics["cpu_hours"])
+    assert task_run.data.metrics["dpo_sft_train_cost_ratio"] == pytest.approx(
+        stages["dpo"].data.metrics["cpu_hours/trials"] / stages["sft"].data.metrics["cpu_hours/trials"])
     assert task_run.data.params["data.test.rows"] == "200" and len(task_run.data.params["data.test.sha256"]) == 64
 
 
