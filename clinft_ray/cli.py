@@ -4,6 +4,8 @@
     clinft demo [--out DIR] [--tasks all] [--set key=value ...]   the built-in demo, no downloads, CPU is fine
     clinft validate study.yaml [--set key=value ...] [--out DIR] [--check-services]
                                   everything `run` checks before training, load no model
+    clinft report OUTPUT_DIR [--set stats.alpha=0.01 ...]      redo a finished study's statistics, costs and
+                                                              reports (stats.*, cost.*), no training
 
 Every command takes `--debug`. Exit codes: 0 done, 2 bad config, data, locations or resources (one line
 per problem, no row text), 1 anything else: an unexpected error is one `clinft: error:` line with its
@@ -48,6 +50,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="classification",
                    help="classification (default, ~3 min on 2 CPUs), all, or a comma list of task kinds")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p = sub.add_parser("report", help="rebuild a finished study's statistics, reports and figures (no training)",
+                       parents=[common])
+    p.add_argument("output_dir", help="the output directory of a finished study")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a stats.* or cost.* setting, e.g. stats.alpha=0.01 or cost.gpu_hour_usd=3.1")
     return parser
 
 
@@ -63,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             return validate(args.config, args.set, args.out, args.check_services)
         if args.command == "demo":
             return demo(args.out, args.tasks, args.set)
+        if args.command == "report":
+            return report(args.output_dir, args.set)
         return run(args.config, args.set, args.out)
     except (ConfigError, DataError, PreflightError) as err:
         for line in str(err).splitlines():
@@ -193,6 +202,22 @@ def _this_machine(num_cpus: int | None) -> dict[str, float]:
     import torch
 
     return {"CPU": float(num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def report(output_dir: str, overrides: list[str]) -> int:
+    """Rebuild results.json's statistics and costs, the reports and figures of a finished study from
+    its stored outcomes and device-hours, and update its MLflow runs; loads no model, starts no Ray."""
+    from clinft_ray.outputs import rebuild
+    from clinft_ray.report import results_table
+
+    results = rebuild(output_dir, overrides)
+    out = Path(output_dir).resolve()
+    print(results_table(results))
+    print()
+    print(results["multiple_comparisons"]["footnote"])
+    print(f"results: {out / 'results.json'}")
+    print(f"report:  {out / 'report.md'}")
+    return 0
 
 
 def run(config: str | Path, overrides: list[str], out: str | None) -> int:

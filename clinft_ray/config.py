@@ -250,10 +250,26 @@ class Resources(_Strict):
 
 
 class StatsConfig(_Strict):
+    """The test statistics; none of it changes training, so `clinft report` can redo it (see `analysis`)."""
+
     alpha: float = Field(0.05, gt=0, lt=1)
+    correction: Literal["bonferroni", "holm"] = Field(
+        "bonferroni", description="multiple comparisons: Bonferroni (the paper's) or Holm's step-down")
+    count_pairs: bool = Field(
+        False, description="count the 3 pairs per outcome in m (m = 3 x outcomes); the paper does not")
     comparisons: int | None = Field(
-        None, gt=0, description="Bonferroni divisor; default: the number of tasks, as in the paper"
-    )
+        None, gt=0, description="Bonferroni's m set by hand; default: the number of outcomes compared (the "
+        "paper's 5: one per classification, reasoning or summarization task, one per triage label set)")
+    bootstrap_resamples: int = Field(2000, ge=100, le=1_000_000,
+                                     description="resamples of the paired bootstrap CIs of metric differences")
+    seed: int = Field(0, description="seed of the bootstrap resampling")
+
+    @model_validator(mode="after")
+    def _holm(self) -> StatsConfig:
+        if self.correction == "holm" and self.comparisons is not None:
+            raise ValueError(f"comparisons is {self.comparisons} but correction is holm, which adjusts over the "
+                             "actual family of tests; drop comparisons or use correction: bonferroni")
+        return self
 
 
 class CostConfig(_Strict):

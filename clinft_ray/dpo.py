@@ -14,6 +14,7 @@ precomputed columns, so no trial runs or loads a reference model.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from functools import partial
 from typing import Any
@@ -107,7 +108,8 @@ def run_dpo(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, res
              "seed": cfg.seed, "model": cfg.model.name_or_path, "finetune": cfg.model.finetune,
              "loss_type": space.loss_type, "init_from_step": sft.selected.step}
     runs = TrialRuns(tracker, stage_run, resources.total(), cfg.cost, fixed_params=fixed, tags=tags)
-    reference = sweep_reference(study, task, sft.checkpoint, resources.worker(), cfg.output_dir / "reference_logps")
+    reference, reference_hours = sweep_reference(study, task, sft.checkpoint, resources.worker(),
+                                                 cfg.output_dir / "reference_logps")
     grid = run_sweep(
         trainable(partial(dpo_train, study=study, task=task, init_from=sft.checkpoint, reference=reference),
                   resources, cfg.storage_path, task.metric),
@@ -119,4 +121,5 @@ def run_dpo(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, res
         resume=resume,
         metric=task.metric,
     )
-    return summarize("dpo", stage_run, grid, runs, task.metric, task.name, cfg.storage_path)
+    result = summarize("dpo", stage_run, grid, runs, task.metric, task.name, cfg.storage_path)
+    return dataclasses.replace(result, reference_hours=reference_hours)

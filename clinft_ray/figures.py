@@ -1,7 +1,8 @@
 """Figures for the report and MLflow (PNG, matplotlib's Agg backend: no display needed).
 
 - `outcome_bars`: per task, grouped bars of base / SFT / DPO on test for each outcome's metric, with the
-  paired p-values marked over brackets (like the paper's Figure 2; * = below the Bonferroni threshold);
+  paired p-values marked over brackets (like the paper's Figure 2; * = significant after the multiple-
+  comparison correction);
 - `eval_curves`: per task and stage, the eval-loss curve of every trial with the selected (trial, step)
   marked;
 - `cost_bars`: device-hours per stage and task (GPU-hours, or CPU-hours on a machine without GPUs).
@@ -26,8 +27,9 @@ def _plt():
     return plt
 
 
-def outcome_bars(task_name: str, task: dict[str, Any], threshold: float, path: Path) -> Path:
-    """Grouped bars of each outcome metric per stage on test, p-values over brackets."""
+def outcome_bars(task_name: str, task: dict[str, Any], rule: str, path: Path) -> Path:
+    """Grouped bars of each outcome metric per stage on test, p-values over brackets; `rule` says
+    what * marks (e.g. "p < 0.01")."""
     plt = _plt()
     metrics = list(task["outcomes"].items())
     fig, ax = plt.subplots(figsize=(max(4.0, 2.6 * len(metrics)), 4.2))
@@ -53,7 +55,7 @@ def outcome_bars(task_name: str, task: dict[str, Any], threshold: float, path: P
     ax.set_xticks(range(len(metrics)), [m for _, m in metrics])
     ax.set_ylim(0, top)
     ax.set_ylabel("test")
-    ax.set_title(f"{task_name}: base vs SFT vs DPO on test (* p < {threshold:.2g})", fontsize=10)
+    ax.set_title(f"{task_name}: base vs SFT vs DPO on test (* {rule})", fontsize=10)
     ax.legend(loc="upper left", fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
@@ -86,16 +88,29 @@ def eval_curves(task_name: str, stage: str, curves: dict[str, list[tuple[int, fl
     return path
 
 
+PARTS = {"trials": ("", 1.0), "reference": ("//", 0.75), "test_eval": ("..", 0.5)}  # hatch, opacity
+
+
 def cost_bars(results: dict[str, Any], path: Path) -> Path:
-    """Device-hours per stage for every task; GPU-hours where any were used, else CPU-hours."""
+    """Device-hours per stage for every task (GPU-hours where any were used, else CPU-hours), each
+    bar stacked by what the hours paid for: trials, DPO's reference pass, test scoring."""
     plt = _plt()
     tasks = list(results["tasks"])
     unit = "gpu_hours" if any(t["gpu_hours"] for t in results["tasks"].values()) else "cpu_hours"
     fig, ax = plt.subplots(figsize=(max(4.0, 1.8 * len(tasks)), 3.8))
     width = 0.26
     for k, s in enumerate(STAGES):
-        values = [results["tasks"][t]["stages"][s][unit] for t in tasks]
-        ax.bar([i + (k - 1) * width for i in range(len(tasks))], values, width * 0.95, color=COLORS[s], label=LABELS[s])
+        xs = [i + (k - 1) * width for i in range(len(tasks))]
+        bottom = [0.0] * len(tasks)
+        for part, (hatch, opacity) in PARTS.items():
+            values = []
+            for t in tasks:
+                st = results["tasks"][t]["stages"][s]
+                by = st.get("hours_by") or {"trials": {unit: st[unit]}}  # results without the split
+                values.append(by.get(part, {}).get(unit, 0.0))
+            label = LABELS[s] if part == "trials" else (part.replace("_", " ") if k == 2 else None)
+            ax.bar(xs, values, width * 0.95, bottom=bottom, color=COLORS[s], alpha=opacity, hatch=hatch, label=label)
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel(unit.replace("_", "-"))
     ax.set_title("cost per stage", fontsize=10)

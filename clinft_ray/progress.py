@@ -5,7 +5,7 @@
 and its test scoring). It is rewritten whole (a temporary file, then a rename) after each step, so a
 kill at any moment leaves the last complete version. A sweep that was running resumes through Ray
 Tune's own experiment state, each unfinished trial from its latest checkpoint (see `sweep.run_sweep`).
-Only numbers, ids and paths are kept: test answers are not.
+Only numbers, ids, paths and labels from the config are kept: test answers are not.
 """
 
 from __future__ import annotations

@@ -21,11 +21,13 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from clinft_ray.config import Study, TaskConfig
+from clinft_ray.tracking import device_hours
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 ROW = "__clinft_row"  # where each prepared row came from, to align TRL's (filtered) rows with ours
@@ -134,8 +136,9 @@ def data_fingerprint(splits: dict[str, list[dict[str, Any]]]) -> str:
     return hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()
 
 
-def _reference_task(study: Study, task: TaskConfig, init_from: str) -> RefLogps:
-    """Ray task: the reference values of a task's DPO rows under the SFT checkpoint."""
+def _reference_task(study: Study, task: TaskConfig, init_from: str) -> tuple[RefLogps, float]:
+    """Ray task: the reference values of a task's DPO rows under the SFT checkpoint, and the seconds
+    the task held its devices (for the DPO stage's device-hours)."""
     from trl import DPOConfig
 
     from clinft_ray.data import dpo_rows
@@ -144,6 +147,7 @@ def _reference_task(study: Study, task: TaskConfig, init_from: str) -> RefLogps:
     from clinft_ray.tasks import load_task_split
 
     cfg, space = study.config, study.dpo_space
+    start = time.monotonic()
     quiet_worker(cfg.resources.cpus_per_trial)
     tok = load_tokenizer(cfg.model)
     chat = has_chat_template(tok)
@@ -153,13 +157,14 @@ def _reference_task(study: Study, task: TaskConfig, init_from: str) -> RefLogps:
         # learning rate is unused: nothing is trained here.
         args = DPOConfig(**trainer_kwargs(space, {"learning_rate": 0.0}, cfg.seed, torch_dtype(cfg.model), scratch),
                          max_length=cfg.model.max_length, precompute_ref_batch_size=space.batch_size)
-        return compute_reference_logps(load_model(cfg.model, init_from), tok, splits, args)
+        return compute_reference_logps(load_model(cfg.model, init_from), tok, splits, args), time.monotonic() - start
 
 
 def sweep_reference(study: Study, task: TaskConfig, init_from: str, worker: dict[str, float],
-                    cache_dir: str | Path) -> RefLogps:
+                    cache_dir: str | Path) -> tuple[RefLogps, dict[str, float]]:
     """The reference values for a DPO sweep from `init_from`: from the cache in `cache_dir`, or computed
-    once by a Ray task holding one trial worker's resources (`worker`, a Ray resource request)."""
+    once by a Ray task holding one trial worker's resources (`worker`, a Ray resource request); and
+    the device-hours that task cost (zero when the values came from the cache)."""
     import ray
 
     from clinft_ray.data import dpo_rows
@@ -180,8 +185,12 @@ def sweep_reference(study: Study, task: TaskConfig, init_from: str, worker: dict
         "gpu": bool(worker.get("GPU", 0)),  # dtype "auto" and autocast differ between CPU and GPU
     }
 
+    seconds = [0.0]
+
     def compute() -> RefLogps:
         remote = ray.remote(_reference_task).options(num_cpus=worker.get("CPU", 1), num_gpus=worker.get("GPU", 0))
-        return ray.get(remote.remote(study, task, init_from))
+        values, seconds[0] = ray.get(remote.remote(study, task, init_from))
+        return values
 
-    return cached_reference_logps(cache_dir, key, compute)
+    values = cached_reference_logps(cache_dir, key, compute)
+    return values, device_hours({"CPU": worker.get("CPU", 1), "GPU": worker.get("GPU", 0)}, seconds[0], cfg.cost)

@@ -4,8 +4,9 @@
 example's outcomes: `correct`, `correct_<label set>` or `score`; and where the prediction is not free
 text, the predicted and gold label or option letter: `pred` / `gold`, `pred_<label set>` /
 `gold_<label set>`, None where the answer gave none) and nothing else: no prompt, answer or generated
-text. `report.md` holds the tables to paste into a paper: per task and outcome, the test
-metric of base / SFT / DPO with the paired p-values, every test metric with the answers that could not
+text. `report.md` holds the tables to paste into a paper: per task and outcome, the test metric of
+base / SFT / DPO with the paired p-values, the effect sizes with their 95% CIs, the clinical metrics
+(sensitivity, specificity, PPV, NPV) of label tasks, every test metric with the answers that could not
 be read, the selections, and the cost of each stage.
 `report.html` is the same with the figures, to open in a browser or attach.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("base", "sft", "dpo")
+STAGE_NAMES = {"base": "base", "sft": "SFT", "dpo": "DPO"}
 Table = tuple[list[str], list[list[str]]]
 
 
@@ -26,15 +28,65 @@ def _p(c: dict[str, Any]) -> str:
 
 
 def results_rows(results: dict[str, Any]) -> Table:
-    """Per task and outcome: the test metric per stage and the paired p-values (* = significant)."""
+    """Per task and outcome: the test metric per stage and the paired p-values (* = significant).
+    McNemar tests per-example correctness, so its column says it is a test of accuracy, and the
+    accuracy per stage is shown beside an F1."""
     head = ["task", "metric", "base", "SFT", "DPO", "test", "p base-SFT", "p SFT-DPO", "p base-DPO"]
     rows = []
     for name, t in results["tasks"].items():
         for outcome, m in t["outcomes"].items():
             comps = [c for c in t["comparisons"] if c["outcome"] == outcome]
-            family = "McNemar" if comps[0]["test"].startswith("mcnemar") else "paired t"
-            rows.append([name, m, *(f"{t['stages'][s]['test'][m]:.3f}" for s in STAGES), family,
-                         *(_p(c) for c in comps)])
+            mcnemar = comps[0]["test"].startswith("mcnemar")
+            acc = "accuracy" + outcome[len("correct"):]
+            beside = mcnemar and m != acc and acc in t["stages"]["base"]["test"]
+            family = "McNemar (of accuracy)" if mcnemar else "paired t"
+            cells = [f"{t['stages'][s]['test'][m]:.3f}" + (f" (acc {t['stages'][s]['test'][acc]:.3f})" if beside else "")
+                     for s in STAGES]
+            rows.append([name, m, *cells, family, *(_p(c) for c in comps)])
+    return head, rows
+
+
+def _ci(ci: list[float] | None, fmt: str = ".3f") -> str:
+    return "n/a" if ci is None else f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "n/a" if x is None else f"{x:{fmt}}"
+
+
+def effect_rows(results: dict[str, Any]) -> Table:
+    """Per task, outcome and pair (A-B): the test's effect with its 95% CI (McNemar: discordant b, c
+    and the odds ratio b/c; t-test: mean difference and d_z), the paired bootstrap difference of
+    each metric with its 95% CI, and the raw and adjusted p."""
+    head = ["task", "outcome", "pair (A-B)", "effect [95% CI]", "bootstrap A-B [95% CI]", "p", "p adjusted"]
+    rows = []
+    for name, t in results["tasks"].items():
+        for c in t["comparisons"]:
+            if c["test"].startswith("mcnemar"):
+                effect = (f"b={c['discordant_b']}, c={c['discordant_c']}, OR b/c {c['odds_ratio']:.2f} {_ci(c['odds_ratio_ci'], '.2f')}"
+                          + (" (Haldane +0.5)" if c["odds_ratio_method"].endswith("haldane") else ""))
+            else:
+                effect = f"mean diff {_num(c['mean_diff'])} {_ci(c['mean_diff_ci'])}, d_z {_num(c['d_z'], '.2f')}"
+            boot = "; ".join(f"{k} {v['diff']:+.3f} {_ci(v['ci'])}" for k, v in c["bootstrap"].items())
+            rows.append([name, c["outcome"], f"{STAGE_NAMES[c['a']]}-{STAGE_NAMES[c['b']]}", effect, boot,
+                         f"{c['p_value']:.3g}", f"{c['p_adjusted']:.3g}{'*' if c['significant'] else ''}"])
+    return head, rows
+
+
+def clinical_rows(results: dict[str, Any]) -> Table:
+    """Per task, stage and label: sensitivity, specificity, PPV, NPV with 95% Wilson CIs, and the
+    confusion counts (TP, FP, FN, TN; an unparseable answer counts as a negative prediction)."""
+    head = ["task", "stage", "outcome", "label", "sensitivity", "specificity", "PPV", "NPV", "TP/FP/FN/TN"]
+    rows = []
+    for name, t in results["tasks"].items():
+        for s, by_outcome in t.get("clinical", {}).items():
+            for outcome, cm in by_outcome.items():
+                for label, v in cm["per_label"].items():
+                    cells = [f"{_num(v[k]['value'])} {_ci(v[k]['ci'])}" for k in ("sensitivity", "specificity", "ppv", "npv")]
+                    rows.append([name, STAGE_NAMES[s], outcome, label, *cells, f"{v['tp']}/{v['fp']}/{v['fn']}/{v['tn']}"])
+                if "macro" in cm:
+                    rows.append([name, STAGE_NAMES[s], outcome, "macro", *(_num(cm["macro"][k]) for k in
+                                                                          ("sensitivity", "specificity", "ppv", "npv")), ""])
     return head, rows
 
 
@@ -64,11 +116,22 @@ def selection_rows(results: dict[str, Any]) -> Table:
     return ["task", "stage", "selected", "step", "dev"], rows
 
 
+PARTS = ("trials", "reference", "test_eval")
+
+
 def cost_rows(results: dict[str, Any]) -> Table:
-    """Trials, device-hours and cost per stage."""
-    rows = [[name, s, str(st["trials"]), f"{st['gpu_hours']:.4f}", f"{st['cpu_hours']:.4f}", _usd(st["cost_usd"])]
-            for name, t in results["tasks"].items() for s, st in ((s, t["stages"][s]) for s in STAGES)]
-    return ["task", "stage", "trials", "GPU-hours", "CPU-hours", "cost (USD)"], rows
+    """Trials, device-hours and cost per stage, and the device-hours split by what they paid for
+    (trials: training and dev scoring; DPO's reference pass; test scoring) in the task's cost basis."""
+    rows = []
+    for name, t in results["tasks"].items():
+        unit = t["cost_basis"]
+        for s in STAGES:
+            st = t["stages"][s]
+            by = st.get("hours_by", {})
+            split = " / ".join(f"{by.get(p, {}).get(unit, 0.0):.4f}" for p in PARTS) if by else "n/a"
+            rows.append([name, s, str(st["trials"]), f"{st['gpu_hours']:.4f}", f"{st['cpu_hours']:.4f}", split,
+                         _usd(st["cost_usd"])])
+    return ["task", "stage", "trials", "GPU-hours", "CPU-hours", "trials / reference / test eval", "cost (USD)"], rows
 
 
 def _usd(x: float) -> str:
@@ -76,8 +139,14 @@ def _usd(x: float) -> str:
 
 
 def cost_ratios(results: dict[str, Any]) -> list[str]:
-    return [f"{name}: DPO/SFT cost = {t['dpo_sft_cost_ratio']:.2f}x ({t['cost_basis'].replace('_', '-')})"
-            for name, t in results["tasks"].items() if t["dpo_sft_cost_ratio"] is not None]
+    out = []
+    for name, t in results["tasks"].items():
+        if t["dpo_sft_cost_ratio"] is None:
+            continue
+        train = t.get("dpo_sft_train_cost_ratio")
+        out.append(f"{name}: DPO/SFT cost = {t['dpo_sft_cost_ratio']:.2f}x ({t['cost_basis'].replace('_', '-')}, "
+                   "everything each stage ran)" + (f"; {train:.2f}x for the trials alone" if train is not None else ""))
+    return out
 
 
 def markdown(table: Table) -> str:
@@ -98,16 +167,25 @@ def results_table(results: dict[str, Any]) -> str:
 
 
 def _caption(results: dict[str, Any]) -> str:
-    return (f"Paired tests on test outcomes (McNemar for correct/incorrect, paired t for scores); * marks "
-            f"p < {results['threshold']:.3g} (alpha {results['alpha']} / {results['comparisons_m']}, Bonferroni).")
+    boot = results["bootstrap"]
+    return (f"Paired tests on test outcomes (McNemar on per-example correctness, i.e. of accuracy; paired t for "
+            f"scores). {results['multiple_comparisons']['footnote']} Effects are A minus B; odds ratio b/c > 1: A "
+            f"right more often. Bootstrap: {boot['n_resamples']} resamples of the test examples, jointly across "
+            f"stages (seed {boot['seed']}), BCa 95% CI.")
 
 
 def render_report(results: dict[str, Any]) -> str:
-    return "\n\n".join([
+    parts = [
         f"# {results['study']}: base vs SFT vs DPO on test",
         results_table(results),
         _caption(results),
         markdown(metrics_rows(results)),
+        "## Effect sizes",
+        markdown(effect_rows(results)),
+    ]
+    if clinical_rows(results)[1]:
+        parts += ["## Clinical metrics (95% Wilson CIs)", markdown(clinical_rows(results))]
+    return "\n\n".join(parts + [
         "## Selected on dev",
         markdown(selection_rows(results)),
         "## Cost",
@@ -126,7 +204,8 @@ def render_html(results: dict[str, Any], figures: list[str]) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(results['study'])}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(results['study'])}: base vs SFT vs DPO on test</h1>"
             f"{html_table(results_rows(results))}<p>{html.escape(_caption(results))}</p>"
-            f"{html_table(metrics_rows(results))}<h2>Selected on dev</h2>{html_table(selection_rows(results))}"
+            f"{html_table(metrics_rows(results))}<h2>Effect sizes</h2>{html_table(effect_rows(results))}"
+            f"<h2>Clinical metrics (95% Wilson CIs)</h2>{html_table(clinical_rows(results))}<h2>Selected on dev</h2>{html_table(selection_rows(results))}"
             f"<h2>Cost</h2>{html_table(cost_rows(results))}<ul>{ratios}</ul><h2>Figures</h2>{imgs}</body></html>")
 
 

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clinft_ray.analysis import task_costs
 from clinft_ray.config import SPLITS, ConfigError, Study, TaskConfig
 from clinft_ray.data import DataError, Example, fingerprint, leakage_problems
 from clinft_ray.dpo import run_dpo
 from clinft_ray.evaluate import Scored
-from clinft_ray.figures import cost_bars, eval_curves, outcome_bars
+from clinft_ray.outputs import dotted_diff, publish, stored_config
 from clinft_ray.preflight import (
     PreflightError,
     TrialResources,
@@ -35,15 +36,12 @@ from clinft_ray.preflight import (
     uses_judge,
 )
 from clinft_ray.progress import Progress, scored_from_json, scored_to_json, stage_from_json, stage_to_json
-from clinft_ray.report import write_outputs
 from clinft_ray.sft import run_sft
-from clinft_ray.stats import bonferroni_threshold, mcnemar, paired_t
 from clinft_ray.sweep import StageResult, StudyError
 from clinft_ray.tasks import load_task_split, one_prediction
 from clinft_ray.tracking import OUTBOX_FILE, Tracker, default_tracking_uri, device_hours, redact_uri
 
 log = logging.getLogger("clinft")
-PAIRS = (("base", "sft"), ("sft", "dpo"), ("base", "dpo"))
 
 
 @dataclass(frozen=True)
@@ -59,12 +57,14 @@ def run_study(study: Study) -> dict[str, Any]:
     """Run the whole study; returns the `results.json` content. Assumes a validated `Study`.
 
     A study that already finished in this output directory with the same config and data is not run
-    again (a resubmitted job is a no-op): its `results.json` is returned as it is.
+    again (a resubmitted job is a no-op): its `results.json` is returned as it is (`clinft report`
+    redoes its statistics and costs with other `stats:` / `cost:` settings).
     """
     cfg = study.config
     data = check_data(study)  # every split checked before any compute
     check_locations(cfg)  # before anything is written: the output folder and storage are usable
-    key = study_fingerprint(study)
+    inputs = fingerprint_inputs(study)
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     done = finished(study, key)
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.output_dir)
     held = cfg.output_dir / OUTBOX_FILE  # MLflow writes an earlier run could not send
@@ -94,31 +94,23 @@ def run_study(study: Study) -> dict[str, Any]:
                     "contain patient text", cfg.mlflow.log_examples, cfg.output_dir / "examples")
     status = "FAILED"
     try:
-        # The paper's m: one per outcome compared (a triage task counts once per label set).
-        m = cfg.stats.comparisons or sum(len(t.outcome_metrics) for t in cfg.tasks)
         results: dict[str, Any] = {
             "study": cfg.study,
             "fingerprint": key,
-            "alpha": cfg.stats.alpha,
-            "comparisons_m": m,
-            "threshold": bonferroni_threshold(cfg.stats.alpha, m),
+            "fingerprint_inputs": inputs,
+            "config": stored_config(cfg),
             "tasks": {},
             "mlflow": {"tracking_uri": redact_uri(tracker.tracking_uri), "experiment_id": tracker.experiment_id,
                        "study_run_id": study_run},
         }
         outcomes: list[dict[str, Any]] = []
+        curves: dict[str, dict[str, Any]] = {}
         for task in cfg.tasks:
-            results["tasks"][task.name] = run_task(study, task, data[task.name], tracker, study_run, resources,
-                                                   results["threshold"], outcomes, progress)
-        totals = {k: sum(t[k] for t in results["tasks"].values()) for k in ("gpu_hours", "cpu_hours", "cost_usd")}
-        tracker.metrics(study_run, totals)
-        folder = cfg.output_dir / "figures"  # this study's figures only, not leftovers of an earlier one
-        figures = [p for t in cfg.tasks for p in task_figure_paths(folder, t.name)]
-        figures.append(cost_bars(results, folder / "cost.png"))
-        for path in write_outputs(cfg.output_dir, results, outcomes, figures):
-            tracker.artifact(study_run, path)
-        for path in figures:
-            tracker.artifact(study_run, path, "figures")
+            results["tasks"][task.name], sweeps = run_task(study, task, data[task.name], tracker, study_run,
+                                                           resources, outcomes, progress)
+            curves[task.name] = {s: (sw.curves, (sw.selected_trial, sw.selected.step)) for s, sw in sweeps.items()}
+        # statistics -> figures, results.json, reports, and the MLflow runs (as `clinft report` redoes it)
+        publish(cfg, results, outcomes, tracker, progress.data["runs"], curves)
         status = "FINISHED"
         return results
     except KeyboardInterrupt:
@@ -144,10 +136,11 @@ def send_or_save(tracker: Tracker, held: Path, wait_s: float) -> None:
 
 
 def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tracker: Tracker, study_run: str,
-             resources: TrialResources, threshold: float, outcomes: list[dict[str, Any]],
-             progress: Progress) -> dict[str, Any]:
-    """One task through the protocol; appends its test outcomes to `outcomes`, returns its results.
-    Steps `progress` holds as done (the study is resuming) are taken from it, not run again."""
+             resources: TrialResources, outcomes: list[dict[str, Any]],
+             progress: Progress) -> tuple[dict[str, Any], dict[str, StageResult]]:
+    """One task through the protocol; appends its test outcomes to `outcomes`, returns its results
+    (without statistics: `outputs.publish` adds them) and its sweeps. Steps `progress` holds as done
+    (the study is resuming) are taken from it, not run again."""
     task_run = progress.run(task.name, tracker,
                             lambda: tracker.start(task.name, parent=study_run, tags={"clinft.task": task.name}))
     for s in SPLITS:  # fingerprints, not content: tells datasets apart without patient text
@@ -175,9 +168,10 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
                      run_dpo(study, task, tracker, task_run, resources, sweeps["sft"], progress))
             log.info("[%s] %s selected %s at step %d (dev %s %.3f)", task.name, stage.upper(), _hp(sweep.hparams),
                      sweep.selected.step, task.metric, sweep.selected.dev)
-            test = evaluate(study, task, sweep.checkpoint, resources).test
+            scoring = evaluate(study, task, sweep.checkpoint, resources)
+            test = scoring.test
             log_examples(study, tracker, sweep.run_id, task.name, stage, test, data["test"])
-            done = {"entry": log_stage(tracker, sweep, test, task.metric), "test": scored_to_json(test),
+            done = {"entry": log_stage(tracker, sweep, test, task.metric, scoring.hours), "test": scored_to_json(test),
                     "sweep": stage_to_json(sweep)}
             progress.put(f"{task.name}/{stage}", done)
         stages[stage], scored[stage] = done["entry"], scored_from_json(done["test"])
@@ -193,15 +187,10 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
         "n_test": len(scored["base"].ids),
         "stages": stages,
         "outcomes": task.outcome_metrics,
-        "comparisons": compare(scored, task.outcome_metrics, threshold),
         **task_costs(stages),
     }
-    tracker.metrics(task_run, {k: v for k, v in result.items()
-                               if k.endswith(("_hours", "_ratio", "cost_usd")) and v is not None})
-    for path in task_figures(study.config.output_dir / "figures", task.name, result, threshold, sweeps):
-        tracker.artifact(task_run, path, "figures")
     tracker.end(task_run)
-    return result
+    return result, sweeps
 
 
 def warn_one_prediction(task: str, stage: str, scored: Scored) -> None:
@@ -212,22 +201,6 @@ def warn_one_prediction(task: str, stage: str, scored: Scored) -> None:
         said = ", ".join(f"{k} {'nothing' if v is None else repr(v)}" for k, v in same.items())
         log.warning("[%s] %s predicts the same for all %d test examples (%s): its metric says little; "
                     "look at its answers with mlflow.log_examples", task, stage, len(scored.ids), said)
-
-
-def task_figure_paths(folder: Path, name: str) -> list[Path]:
-    """Where a task's figures go: test bars, then the SFT and DPO eval-loss curves."""
-    return [folder / f"{name}_test.png", folder / f"{name}_sft_eval_loss.png", folder / f"{name}_dpo_eval_loss.png"]
-
-
-def task_figures(folder: Path, name: str, result: dict[str, Any], threshold: float,
-                 sweeps: dict[str, StageResult]) -> list[Path]:
-    """The task's test bars with p-values and each sweep's eval-loss curves, as PNGs in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    bars, *curves = task_figure_paths(folder, name)
-    paths = [outcome_bars(name, result, threshold, bars)]
-    for (stage, sweep), path in zip(sweeps.items(), curves, strict=True):
-        paths.append(eval_curves(name, stage, sweep.curves, (sweep.selected_trial, sweep.selected.step), path))
-    return paths
 
 
 def check_data(study: Study) -> dict[str, dict[str, list[Example]]]:
@@ -265,26 +238,34 @@ def check_data(study: Study) -> dict[str, dict[str, list[Example]]]:
     return data
 
 
-def study_fingerprint(study: Study) -> str:
-    """sha256 of what decides a study's results: the config (without where it runs: output and
-    storage, Ray, MLflow, resources, the judge's address), the search spaces, and the data by content.
-    Settings left at their defaults are left out, so a new option does not make a finished study
-    look like another one."""
+def fingerprint_inputs(study: Study) -> dict[str, Any]:
+    """What decides a study's trained models and test scores: the config without where it runs
+    (output and storage, Ray, MLflow, resources, the judge's address) and without what only the
+    statistics and the report read (`stats`, `cost`: `clinft report` redoes those), the search
+    spaces, and the data by content. Settings left at their defaults are left out, so a new option
+    does not make a finished study look like another one."""
     cfg = study.config
     what = cfg.model_dump(mode="json", exclude_defaults=True,
-                          exclude={"output_dir", "storage_path", "ray", "mlflow", "resources", "sft", "dpo"})
+                          exclude={"output_dir", "storage_path", "ray", "mlflow", "resources", "sft", "dpo",
+                                   "stats", "cost"})
     for task, dumped in zip(cfg.tasks, what["tasks"], strict=True):
         dumped["splits"] = {s: fingerprint(getattr(task.splits, s)) for s in SPLITS}
     if what.get("judge"):
         what["judge"].pop("base_url", None)
     what["spaces"] = {stage: space.model_dump(mode="json", exclude_defaults=True)
                       for stage, space in (("sft", study.sft_space), ("dpo", study.dpo_space))}
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+    return what
+
+
+def study_fingerprint(study: Study) -> str:
+    """sha256 of `fingerprint_inputs`."""
+    return hashlib.sha256(json.dumps(fingerprint_inputs(study), sort_keys=True).encode()).hexdigest()
 
 
 def finished(study: Study, key: str) -> dict[str, Any] | None:
     """The results of this very study if it already finished in its output directory; a finished
-    *different* study there is a `PreflightError` (its results would be overwritten)."""
+    *different* study there is a `PreflightError` naming the keys that differ (its results would be
+    overwritten)."""
     path = study.config.output_dir / "results.json"
     if not path.is_file():
         return None
@@ -294,8 +275,14 @@ def finished(study: Study, key: str) -> dict[str, Any] | None:
         return None  # a results.json cut short: the study did not finish
     if results.get("study") == study.config.study and results.get("fingerprint") == key:
         return results
+    if results.get("study") != study.config.study:
+        differ = "study"
+    elif "fingerprint_inputs" in results:
+        differ = ", ".join(dotted_diff(results["fingerprint_inputs"], fingerprint_inputs(study))) or "(none found)"
+    else:
+        differ = "unknown (its results.json predates this check)"
     raise PreflightError(f"{study.config.output_dir} holds the finished study {results.get('study')!r} with another "
-                         "config or data; pass a new --out (or output_dir) to keep both")
+                         f"config or data (differing: {differ}); pass a new --out (or output_dir) to keep both")
 
 
 def start_ray(study: Study) -> TrialResources:
@@ -370,62 +357,50 @@ def log_examples(study: Study, tracker: Tracker, run: str, task: str, stage: str
     tracker.artifact(run, path, "examples")
 
 
+def hours_split(parts: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """A stage's device-hours by what they paid for (`trials`: training and dev scoring inside the
+    trials; `reference`: DPO's reference log-probs; `test_eval`: scoring the selected model on test,
+    and dev for the base model), and their totals. Each part is counted once."""
+    parts = {k: v for k, v in parts.items() if v}
+    totals = {u: sum(p.get(u, 0.0) for p in parts.values()) for u in ("gpu_hours", "cpu_hours", "cost_usd")}
+    return {**totals, "hours_by": parts}
+
+
+def _hour_metrics(entry: dict[str, Any]) -> dict[str, float]:
+    return {**{u: entry[u] for u in ("gpu_hours", "cpu_hours", "cost_usd")},
+            **{f"{u}/{part}": v for part, h in entry["hours_by"].items() for u, v in h.items()}}
+
+
 def log_base(tracker: Tracker, run: str, base: Evaluated) -> dict[str, Any]:
+    hours = hours_split({"test_eval": base.hours})
     tracker.metrics(run, {**{f"test/{k}": v for k, v in base.test.metrics.items()},
-                          **{f"dev/{k}": v for k, v in base.dev.metrics.items()}, **base.hours})
+                          **{f"dev/{k}": v for k, v in base.dev.metrics.items()}, **_hour_metrics(hours)})
     tracker.end(run)
-    return {"dev": base.dev.metrics, "test": base.test.metrics, "trials": 0, **base.hours}
+    return {"dev": base.dev.metrics, "test": base.test.metrics, "trials": 0, **hours}
 
 
-def log_stage(tracker: Tracker, stage: StageResult, test: Scored, metric: str) -> dict[str, Any]:
-    """Record a finished sweep on its stage run and return its `results.json` entry."""
+def log_stage(tracker: Tracker, stage: StageResult, test: Scored, metric: str,
+              test_hours: dict[str, float]) -> dict[str, Any]:
+    """Record a finished sweep on its stage run and return its `results.json` entry; its device-hours
+    are the trials', the reference pass's (DPO) and the test scoring's."""
+    hours = hours_split({"trials": {"gpu_hours": stage.gpu_hours, "cpu_hours": stage.cpu_hours,
+                                    "cost_usd": stage.cost_usd},
+                         "reference": stage.reference_hours, "test_eval": test_hours})
     selected = {**stage.hparams, "step": stage.selected.step, "trial": stage.selected_trial,
                 "mlflow_run_id": stage.selected_run_id}
     tracker.params(stage.run_id, {f"selected.{k}": v for k, v in selected.items()})
     tracker.tag(stage.run_id, "clinft.selected_run_id", stage.selected_run_id)
     tracker.metrics(stage.run_id, {f"dev/{metric}": stage.selected.dev, **{f"test/{k}": v for k, v in test.metrics.items()},
-                                   "trials": stage.trials, "gpu_hours": stage.gpu_hours, "cpu_hours": stage.cpu_hours,
-                                   "cost_usd": stage.cost_usd})
+                                   "trials": stage.trials, **_hour_metrics(hours)})
     tracker.end(stage.run_id)
     return {
         "selected": selected,
         "dev": {metric: stage.selected.dev},
         "test": test.metrics,
         "trials": stage.trials,
-        "gpu_hours": stage.gpu_hours,
-        "cpu_hours": stage.cpu_hours,
-        "cost_usd": stage.cost_usd,
+        **hours,
         "checkpoint": stage.checkpoint,
     }
-
-
-def compare(scored: dict[str, Scored], outcome_metrics: dict[str, str], threshold: float) -> list[dict[str, Any]]:
-    """For each outcome, base-SFT, SFT-DPO and base-DPO on the paired test examples: McNemar for
-    correct/incorrect outcomes, the paired t-test for scores."""
-    out = []
-    for outcome, metric in outcome_metrics.items():
-        for a, b in PAIRS:
-            if scored[a].ids != scored[b].ids:
-                raise RuntimeError(f"{a} and {b} were scored on different test examples; outcomes cannot be paired")
-            xa, xb = scored[a].outcomes[outcome], scored[b].outcomes[outcome]
-            res = mcnemar(xa, xb) if all(isinstance(x, bool) for x in xa + xb) else paired_t(xa, xb)
-            out.append({"outcome": outcome, "metric": metric, "a": a, "b": b, "test": res.test,
-                        "statistic": res.statistic, "p_value": res.p_value, "significant": res.p_value < threshold})
-    return out
-
-
-def task_costs(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Device-hours per stage and in all, and DPO's cost over SFT's (GPU-hours, or CPU-hours without GPUs)."""
-    costs: dict[str, Any] = {}
-    for unit in ("gpu_hours", "cpu_hours", "cost_usd"):
-        costs[unit] = sum(s[unit] for s in stages.values())
-        for name in ("sft", "dpo"):
-            costs[f"{name}_{unit}"] = stages[name][unit]
-    basis = "gpu_hours" if costs["sft_gpu_hours"] else "cpu_hours"
-    sft_cost = costs[f"sft_{basis}"]
-    costs["dpo_sft_cost_ratio"] = costs[f"dpo_{basis}"] / sft_cost if sft_cost else None
-    costs["cost_basis"] = basis
-    return costs
 
 
 def _hp(hparams: dict[str, float]) -> str:

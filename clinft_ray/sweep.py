@@ -23,7 +23,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -467,6 +467,9 @@ class StageResult:
     cost_usd: float
     curves: dict[str, list[tuple[int, float]]]  # trial name -> (step, eval loss) points
     selected_trial: str
+    # Device-hours of the Ray task that computed DPO's reference log-probs (not in the totals above,
+    # which are the trials'); empty for SFT.
+    reference_hours: dict[str, float] = field(default_factory=dict)
 
 
 class StudyError(RuntimeError):

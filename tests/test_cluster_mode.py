@@ -120,8 +120,12 @@ def test_a_finished_study_is_not_run_again_and_another_one_is_not_overwritten(de
     # where the study runs does not change what it is
     moved = load_study(study.source, ["ray.num_cpus=2", "resources.cpus_per_trial=2"])
     assert study_fingerprint(moved) == results["fingerprint"]
-    other = load_study(study.source, ["seed=1"])
-    with pytest.raises(PreflightError, match="holds the finished study 'uti-demo' with another config"):
+    # nor do the statistics and prices: `clinft report` redoes those
+    reported = load_study(study.source, ["stats.alpha=0.01", "stats.correction=holm", "cost.gpu_hour_usd=3.1"])
+    assert study_fingerprint(reported) == results["fingerprint"]
+    other = load_study(study.source, ["seed=1", "model.max_length=200"])
+    with pytest.raises(PreflightError, match=r"holds the finished study 'uti-demo' with another config or data "
+                                             r"\(differing: model.max_length, seed\)"):
         finished(other, study_fingerprint(other))
 
 

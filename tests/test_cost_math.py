@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from clinft_ray.analysis import task_costs
 from clinft_ray.config import CostConfig
-from clinft_ray.study import task_costs
 from clinft_ray.tracking import device_hours, error_kind, redact_uri
 
 
@@ -44,3 +44,22 @@ def test_secrets_are_cut_from_uris_and_errors_named_not_quoted():
             self.cause = KeyError("patient text")
 
     assert error_kind(Wrapped()) == "KeyError" and error_kind(None) == "unknown"
+
+
+def test_stage_hours_split_by_what_they_paid_for_and_the_two_ratios():
+    """SFT: trials 2 GPU-h + test scoring 0.5 = 2.5; DPO: trials 5 + reference 1 + test 0.5 = 6.5.
+    Everything: 6.5 / 2.5 = 2.6; training alone: 5 / 2 = 2.5. At $3 per GPU-hour DPO costs 6.5 x 3 = $19.5."""
+    from clinft_ray.study import hours_split
+
+    def h(g):
+        return {"gpu_hours": g, "cpu_hours": 4 * g, "cost_usd": 3 * g}
+
+    sft = hours_split({"trials": h(2.0), "reference": {}, "test_eval": h(0.5)})
+    dpo = hours_split({"trials": h(5.0), "reference": h(1.0), "test_eval": h(0.5)})
+    assert set(sft["hours_by"]) == {"trials", "test_eval"}  # SFT has no reference pass
+    assert dpo["gpu_hours"] == pytest.approx(6.5) and dpo["cpu_hours"] == pytest.approx(26.0)
+    assert dpo["cost_usd"] == pytest.approx(19.5)
+    costs = task_costs({"base": hours_split({"test_eval": h(0.5)}), "sft": sft, "dpo": dpo})
+    assert costs["dpo_sft_cost_ratio"] == pytest.approx(2.6)
+    assert costs["dpo_sft_train_cost_ratio"] == pytest.approx(2.5)
+    assert costs["gpu_hours"] == pytest.approx(0.5 + 2.5 + 6.5)

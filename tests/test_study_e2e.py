@@ -56,7 +56,20 @@ def test_output_files_exist_and_agree(demo):
         accuracy = sum(o["correct"] for o in rows) / len(rows)
         assert accuracy == pytest.approx(task["stages"][stage]["test"]["accuracy"])
     report = (out / "report.md").read_text()
-    assert "| uti | f1 |" in report and "DPO/SFT cost" in report
+    assert "| uti | f1 |" in report and "DPO/SFT cost" in report and "McNemar (of accuracy)" in report
+    json.dumps(results, allow_nan=False)  # no NaN or inf anywhere
+    for comp in task["comparisons"]:  # effect sizes with their CIs, and the bootstrap of each metric
+        assert comp["discordant_b"] + comp["discordant_c"] <= 200
+        assert comp["odds_ratio_ci"][0] <= comp["odds_ratio"] <= comp["odds_ratio_ci"][1]
+        assert set(comp["bootstrap"]) == {"f1", "accuracy"}
+        a, b = task["stages"][comp["a"]]["test"], task["stages"][comp["b"]]["test"]
+        for metric, boot in comp["bootstrap"].items():
+            assert boot["diff"] == pytest.approx(a[metric] - b[metric])  # recomputed from the outcomes
+            assert boot["ci"][0] <= boot["diff"] <= boot["ci"][1]
+    for stage in ("base", "sft", "dpo"):
+        uti = task["clinical"][stage]["correct"]["per_label"]["UTI"]
+        assert uti["tp"] + uti["fp"] + uti["fn"] + uti["tn"] == 200
+        assert sum(map(sum, task["clinical"][stage]["correct"]["confusion"]["counts"])) == 200
 
 
 def test_the_demo_shows_learning(demo):
@@ -107,10 +120,18 @@ def test_mlflow_run_tree(demo):
     for stage in ("sft", "dpo"):
         trials = _children(runs, stages[stage].info.run_id)
         total = sum(r.data.metrics["cpu_hours"] for r in trials)
-        assert stages[stage].data.metrics["cpu_hours"] == pytest.approx(total)
-        assert results["tasks"]["uti"]["stages"][stage]["cpu_hours"] == pytest.approx(total)
+        entry = results["tasks"]["uti"]["stages"][stage]
+        by = {part: h["cpu_hours"] for part, h in entry["hours_by"].items()}
+        assert by["trials"] == pytest.approx(total) and by["test_eval"] > 0  # the test scoring is counted
+        assert ("reference" in by and by["reference"] > 0) == (stage == "dpo")  # so is DPO's reference pass
+        assert entry["cpu_hours"] == pytest.approx(sum(by.values()))
+        assert stages[stage].data.metrics["cpu_hours"] == pytest.approx(entry["cpu_hours"])
+        assert stages[stage].data.metrics["cpu_hours/trials"] == pytest.approx(total)
+    assert results["tasks"]["uti"]["stages"]["base"]["hours_by"]["test_eval"]["cpu_hours"] > 0
     assert task_run.data.metrics["dpo_sft_cost_ratio"] == pytest.approx(
         stages["dpo"].data.metrics["cpu_hours"] / stages["sft"].data.metrics["cpu_hours"])
+    assert task_run.data.metrics["dpo_sft_train_cost_ratio"] == pytest.approx(
+        stages["dpo"].data.metrics["cpu_hours/trials"] / stages["sft"].data.metrics["cpu_hours/trials"])
     assert task_run.data.params["data.test.rows"] == "200" and len(task_run.data.params["data.test.sha256"]) == 64
 
 

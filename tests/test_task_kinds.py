@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from clinft_ray.analysis import compare
 from clinft_ray.config import ReasoningTask, SummarizationTask, TriageTask
 from clinft_ray.data import Example
 from clinft_ray.evaluate import Scored
-from clinft_ray.study import compare
 from clinft_ray.tasks import (
     NO_LABEL,
     answer_matches,
@@ -165,13 +165,13 @@ def test_outcomes_per_kind_and_their_tests():
     assert TRIAGE.outcome_metrics == {"correct_urgency": "f1_urgency", "correct_responder": "f1_responder"}
     summ = SummarizationTask(name="s", kind="summarization", splits=SPLITS)
     scores = {"base": [3.0, 4.0, 2.0], "sft": [4.0, 4.0, 3.0], "dpo": [5.0, 4.0, 4.0]}
-    scored = {s: Scored({"judge": sum(v) / 3}, ["a", "b", "c"], {"score": v}, []) for s, v in scores.items()}
-    comps = compare(scored, summ.outcome_metrics, 0.01)
+    comps = compare(summ, summ.outcome_metrics, {s: {"score": v} for s, v in scores.items()}, 1000, 0)
     assert [c["test"] for c in comps] == ["paired_t"] * 3
     # base vs sft: differences -1, 0, -1: mean -2/3, sd 1/sqrt(3), t = (-2/3) / ((1/sqrt(3))/sqrt(3)) = -2
     assert comps[0]["statistic"] == pytest.approx(-2.0)
-    binary = {s: Scored({}, ["a", "b"], {"correct": [s != "base", True]}, []) for s in ("base", "sft", "dpo")}
-    assert {c["test"] for c in compare(binary, {"correct": "accuracy"}, 0.01)} == {"mcnemar_exact"}
+    binary = {s: {"correct": [s != "base", True]} for s in ("base", "sft", "dpo")}
+    reasoning = ReasoningTask(name="r", kind="reasoning", splits=SPLITS)
+    assert {c["test"] for c in compare(reasoning, {"correct": "accuracy"}, binary, 1000, 0)} == {"mcnemar_exact"}
 
 
 def test_a_stage_that_predicts_one_label_for_all_is_flagged_in_one_line_without_text(caplog):
