@@ -38,6 +38,7 @@ class Example:
     chosen: str
     rejected: str
     options: dict[str, str] | None = None  # multiple-choice options by letter, when the task has them
+    row: int = 0  # the row number in its file (as `load_split` counts them), for messages that name it
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -121,7 +122,8 @@ def load_split(path: str | Path, check: GoldCheck | None = None) -> list[Example
         seen.setdefault(rid, n)
     if problems:
         raise DataError(problems)
-    return [Example(str(r["id"]), r["prompt"], r["chosen"].strip(), r["rejected"].strip(), _options(r)) for _, r in raw]
+    return [Example(str(r["id"]), r["prompt"], r["chosen"].strip(), r["rejected"].strip(), _options(r), row=n)
+            for n, r in raw]
 
 
 def _options(row: dict[str, Any]) -> dict[str, str] | None:
