@@ -12,7 +12,7 @@ import csv
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,8 @@ class Example:
     chosen: str
     rejected: str
     options: dict[str, str] | None = None  # multiple-choice options by letter, when the task has them
-    row: int = 0  # the row number in its file (as `load_split` counts them), for messages that name it
+    # The row number in its file (as `load_split` counts them), for messages; not part of the example's value.
+    row: int = field(default=0, compare=False)
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
