@@ -239,3 +239,20 @@ def test_validate_reports_a_prompt_that_changes_once_an_answer_follows(models, r
     tok.chat_template = tok.chat_template.replace("assistant<|end_header_id|>\n\n' }}", "assistant<|end_header_id|>\n\n ' }}")
     problems = _problems(tok, TASKS["classification"], rows["classification"][:2])
     assert len(problems) == 1 and "rows " in problems[0] and "tokenizes differently alone" in problems[0]
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama3"])
+def test_generation_starts_from_the_training_prompt_and_stops_at_max_length(models, rows, family):
+    """Greedy generation from `prompt_ids` (left-padded in a batch) equals generation from the same ids
+    alone, and no answer runs past `max_length` tokens of prompt + answer (the `fit` policy)."""
+    from clinft_ray.evaluate import generate
+
+    tok = tokenizer_of(models, family)
+    model = load_base(ModelConfig(name_or_path=str(models[family]), dtype="float32")).eval()
+    examples = [rows["reasoning"][0], rows["classification"][0]]  # prompts of different lengths
+    batched = generate(model, tok, examples, max_new_tokens=6, max_length=MAX_LENGTH)
+    alone = [generate(model, tok, [e], max_new_tokens=6, max_length=MAX_LENGTH)[0] for e in examples]
+    assert batched == alone and all(isinstance(a, str) and a for a in batched)
+    short = len(prompt_ids(tok, examples[1].prompt)) + 2
+    capped = generate(model, tok, examples[1:], max_new_tokens=6, max_length=short)[0]
+    assert len(tok(capped, add_special_tokens=False)["input_ids"]) <= 2
