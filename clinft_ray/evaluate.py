@@ -2,10 +2,14 @@
 
 Two ways to get a model's answer:
 - `loglik` (classification and triage; default, fast): the candidate answer (a label, or a
-  combination of triage labels written with the task's template) whose text, rendered exactly as in
-  training with end-of-turn, has the highest log-likelihood given the prompt;
-- `generate`: greedy decoding of up to `max_new_tokens`, then parsed (labels, option letters) or
-  graded (normalized match, the judge) by `tasks`.
+  combination of triage labels written with the task's template) whose tokens, exactly the ones
+  training trains (prompt + answer tokenized as one text, as TRL does; end-of-turn included), have
+  the highest log-likelihood given the prompt;
+- `generate`: greedy decoding of up to `max_new_tokens` from the prompt ids of training, then parsed
+  (labels, option letters) or graded (normalized match, the judge) by `tasks`.
+
+Truncation follows `fit`, TRL's policy in training; `data_problems` (run by `clinft validate` and
+before every study) refuses the rows it would cut.
 
 `score_split` returns per-example outcomes and the aggregate metrics. Generated text is kept in
 memory only: no text leaves this module except to the configured judge.
