@@ -22,10 +22,11 @@ from clinft_ray.study import run_study
 
 pytestmark = pytest.mark.slow
 
-# Real vocabularies (32,000 and 128,256 tokens) on a hidden size of 32 need a high rate: at 3e-3 and 40
-# steps the eval loss is still 2.7 (from ln 32000 = 10.4) and the answers not learned yet.
-SFT = {"stage": "sft", "learning_rate": {"grid": [1.0e-2]}, "max_steps": 60, "eval_steps": 20, "batch_size": 8,
-       "lr_scheduler": "constant"}
+# Two rates, selected on dev as a study does: the demo's tokenizer learns the task at 3e-3 in 40 steps
+# (test F1 0.985) but not at 1e-2 in 60 (0.667); the real vocabularies (32,000 and 128,256 tokens on a
+# hidden size of 32) learn slower: with Mistral's, eval loss 2.7 at 3e-3 and 0.27 at 1e-2 by step 40.
+SFT = {"stage": "sft", "learning_rate": {"grid": [1.0e-2, 3.0e-3]}, "max_steps": 80, "eval_steps": 20,
+       "batch_size": 8, "lr_scheduler": "constant"}
 DPO = {"stage": "dpo", "learning_rate": {"grid": [1.0e-4]}, "beta": {"grid": [0.1]}, "max_steps": 2, "eval_steps": 2,
        "batch_size": 8, "lr_scheduler": "constant"}
 FAMILIES = ("demo", "mistral", "llama3")
@@ -57,4 +58,4 @@ def test_sft_learns_the_classification_on_every_tokenizer(studies):
         assert f1[family] >= 0.8, f"{family}: SFT test F1 {f1[family]:.3f}: the scored answers are not the trained ones"
         assert f1[family] >= f1["demo"] - 0.15, f1
         assert stages["sft"]["test"]["f1"] > stages["base"]["test"]["f1"] or stages["base"]["test"]["f1"] >= 0.9
-        assert stages["dpo"]["trials"] == 1 and 0.0 <= stages["dpo"]["test"]["f1"] <= 1.0
+        assert stages["sft"]["trials"] == 2 and stages["dpo"]["trials"] == 1 and 0.0 <= stages["dpo"]["test"]["f1"] <= 1.0
