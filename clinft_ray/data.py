@@ -14,7 +14,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ class Example:
     chosen: str
     rejected: str
     options: dict[str, str] | None = None  # multiple-choice options by letter, when the task has them
+    # The row number in its file (as `load_split` counts them), for messages; not part of the example's value.
+    row: int = field(default=0, compare=False)
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -308,8 +310,8 @@ def load_split(path: str | Path, check: GoldCheck | None = None) -> list[Example
         seen.setdefault(rid, n)
     if problems := found.lines():
         raise DataError(problems)
-    return [Example(_row_id(r["id"])[0], r["prompt"], r["chosen"].strip(), r["rejected"].strip(), _options(r))
-            for _, r in raw]
+    return [Example(_row_id(r["id"])[0], r["prompt"], r["chosen"].strip(), r["rejected"].strip(), _options(r), row=n)
+            for n, r in raw]
 
 
 def _options(row: dict[str, Any]) -> dict[str, str] | None:

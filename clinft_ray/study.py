@@ -231,7 +231,7 @@ def check_data(study: Study) -> dict[str, dict[str, list[Example]]]:
         d, p = data[task.name], task.splits
         for other in ("dev", "test"):
             problems += leakage_problems(d["train"], d[other], p.train, getattr(p, other))
-        problems += data_problems(tok, {s: (getattr(p, s), d[s]) for s in SPLITS}, cfg.model.max_length,
+        problems += data_problems(tok, task, {s: (getattr(p, s), d[s]) for s in SPLITS}, cfg.model.max_length,
                                   cfg.model.name_or_path)
     if problems:
         raise DataError(problems)

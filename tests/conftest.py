@@ -89,3 +89,14 @@ def demo_run(demo_dir, ray_session):
 
     study = load_study(demo_dir / "study.yaml")
     return study, run_study(study)
+
+
+@pytest.fixture(scope="session")
+def real_models(tmp_path_factory) -> dict[str, Path]:
+    """The paper's two real tokenizers (Mistral-7B-Instruct-v0.2, Llama-3-8B-Instruct) with their chat
+    templates, each on a tiny random model of its architecture and vocab, as folders clinft-ray loads
+    (`tests/real_tokenizers.py`). Built once per session (about 10 s)."""
+    from real_tokenizers import FAMILIES, build
+
+    root = tmp_path_factory.mktemp("real")
+    return {family: build(family, root / family) for family in FAMILIES}

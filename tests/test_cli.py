@@ -92,8 +92,10 @@ def test_leakage_and_overlong_prompts(demo_dir, tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "test.jsonl: id test-0005: the same prompt is in train.jsonl (id train-0002)" in res.stderr
     res = clinft("validate", str(config), "--set", "model.max_length=30")
-    assert "train.jsonl: id train-0000: the prompt is" in res.stderr
-    assert "truncation at model.max_length 30 would remove the whole answer" in res.stderr
+    for split in ("train", "eval", "dev", "test"):  # every split's rows that would be cut, not only train's
+        assert f"{split}.jsonl: rows " in res.stderr, split
+    assert "(ids train-0000, " in res.stderr and ": column 'chosen': prompt + answer + end-of-turn is up to" in res.stderr
+    assert "truncation at model.max_length 30 would cut the answer's end" in res.stderr
     assert "Urinalysis" not in res.stderr  # never the text
 
 

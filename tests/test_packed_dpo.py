@@ -348,3 +348,32 @@ def test_checkpoint_fingerprint_follows_the_checkpoint(tiny, tmp_path):
     time.sleep(0.01)
     load_reference(tiny).save_pretrained(ckpt)  # the same path rewritten (a re-run into the same storage)
     assert checkpoint_fingerprint(ckpt) != after_manifest
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("family", ["mistral", "llama3"])
+def test_packed_step_equals_stock_trl_on_real_tokenizers(real_models, family, lora):
+    """The paper's tokenizers and chat templates (Mistral-7B-Instruct-v0.2, Llama-3-Instruct) on tiny
+    random models of their architectures: same loss, rewards and gradients as stock TRL."""
+    from trl import DPOTrainer
+
+    rows = preference_rows(4, seed=7, chat=True)
+    model = real_models[family]
+    assert_same_step(make_trainer(DPOTrainer, model, rows, lora=lora),
+                     make_trainer(PackedDPOTrainer, model, rows, lora=lora), pairs=4)
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama3"])
+def test_shared_reference_equals_live_on_real_tokenizers(real_models, family, tmp_path):
+    from transformers import AutoTokenizer
+    from trl import DPOTrainer
+
+    from clinft_ray.reference import compute_reference_logps, with_reference
+
+    model = real_models[family]
+    rows = preference_rows(4, seed=9, chat=True)
+    values = compute_reference_logps(load_reference(model), AutoTokenizer.from_pretrained(model), {"train": rows},
+                                     reference_args(model, batch_size=2))
+    cached = make_trainer(PackedDPOTrainer, model, with_reference(rows, values["train"]), lora=False,
+                          precompute_ref_log_probs=True)
+    assert_same_step(make_trainer(DPOTrainer, model, rows, lora=False), cached, pairs=4)
