@@ -268,9 +268,11 @@ LOCATIONS = {
 
 @pytest.mark.parametrize("case", list(LOCATIONS))
 @pytest.mark.parametrize("command", ["validate", "run"])
-def test_unusable_locations_are_reported_before_ray_starts(study, capsys, command, case):
-    import ray
+def test_unusable_locations_are_reported_before_ray_starts(study, capsys, monkeypatch, command, case):
+    import clinft_ray.study
 
+    started = []  # the session's Ray may already run (another test's study): watch the study's own start
+    monkeypatch.setattr(clinft_ray.study, "start_ray", lambda *a, **k: started.append(1) or pytest.fail("Ray started"))
     make, expected = LOCATIONS[case]
     extra = make(study)
     if "--out" not in extra:
@@ -279,7 +281,7 @@ def test_unusable_locations_are_reported_before_ray_starts(study, capsys, comman
     code, errors, text = _in_process(capsys, command, str(study / "study.yaml"), *extra)
     assert code == 2, text
     assert errors == [f"clinft: error: {expected.format(d=study)}"] or expected.format(d=study) in errors[0], text
-    assert len(errors) == 1 and not ray.is_initialized()
+    assert len(errors) == 1 and not started
     assert _tree(study) == before  # nothing created, not even the folders asked for
 
 
