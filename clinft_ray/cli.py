@@ -165,10 +165,10 @@ def preflight_problems(study: Study, check_services: bool) -> tuple[list[str], l
     all are reported together; the notes say what was not tried."""
     from clinft_ray.preflight import check_judge, check_locations, check_tracking, trial_resources, uses_judge
     from clinft_ray.study import finished, study_fingerprint
-    from clinft_ray.tracking import default_tracking_uri, redact_uri
+    from clinft_ray.tracking import redact_uri, study_tracking_uri
 
     cfg = study.config
-    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.output_dir)
+    uri = study_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
     notes = []
 
     def done_before() -> None:

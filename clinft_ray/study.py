@@ -39,7 +39,7 @@ from clinft_ray.progress import Progress, scored_from_json, scored_to_json, stag
 from clinft_ray.sft import run_sft
 from clinft_ray.sweep import StageResult, StudyError
 from clinft_ray.tasks import load_task_split, one_prediction
-from clinft_ray.tracking import OUTBOX_FILE, Tracker, default_tracking_uri, device_hours, redact_uri
+from clinft_ray.tracking import OUTBOX_FILE, Tracker, device_hours, redact_uri, study_tracking_uri
 
 log = logging.getLogger("clinft")
 
@@ -66,7 +66,7 @@ def run_study(study: Study) -> dict[str, Any]:
     inputs = fingerprint_inputs(study)
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     done = finished(study, key)
-    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.output_dir)
+    uri = study_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
     held = cfg.output_dir / OUTBOX_FILE  # MLflow writes an earlier run could not send
     if done is not None:
         log.info("study %s already finished in %s with this config; nothing to train (results.json is kept)",

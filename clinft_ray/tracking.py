@@ -80,6 +80,11 @@ def default_tracking_uri(output_dir: Path) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
+def study_tracking_uri(mlflow_uri: str | None, output_dir: Path) -> str:
+    """Where a study tracks: `mlflow.tracking_uri`, else MLFLOW_TRACKING_URI, else the output folder's sqlite."""
+    return mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(output_dir)
+
+
 class PendingRun:
     """A trial run asked for while MLflow was unreachable: it is created, and `id` set, when the
     outbox gets to it. Tracker methods take it wherever they take a run id."""
