@@ -128,7 +128,7 @@ def build_model(preset: str, device: str, dtype: torch.dtype, max_positions: int
 
 
 def trainer_args(cls: type, out: str, steps: int, batch: int, device: str, dtype: torch.dtype, **extra: Any) -> Any:
-    """clinft-ray's trial arguments (`sweep.trainer_kwargs`) without evaluation or logging."""
+    """clinft-ray's trial arguments (`trial.trainer_kwargs`) without evaluation or logging."""
     cuda = device == "cuda"
     return cls(output_dir=out, max_steps=steps, learning_rate=1e-5, per_device_train_batch_size=batch,
                per_device_eval_batch_size=batch, eval_strategy="no", save_strategy="no", logging_steps=10_000,
@@ -230,7 +230,7 @@ def measure(shape: Shape, opts: argparse.Namespace) -> dict[str, Any]:
     that a burst of load from other processes on a shared machine hits all three alike. On a GPU
     (no such noise, and three 8B models would not fit) each is built, timed over all rounds and freed.
     """
-    from clinft_ray.sweep import without_printer
+    from clinft_ray.trial import without_printer
 
     out: dict[str, Any] = {"prompt_tokens": shape.prompt, "answer_tokens": shape.answer, "batch_size": shape.batch}
     times: dict[str, list[float]] = {"sft": [], "packed": [], "ref_forward": [], "trl_dpo": []}
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import transformers
     import trl
 
-    from clinft_ray.sweep import quiet_libraries
+    from clinft_ray.trial import quiet_libraries
 
     quiet_libraries()
     shapes = [Shape.parse(s, opts.batch_size) for s in opts.shapes.split(",")]

@@ -192,10 +192,24 @@ def reprice(cfg: StudyConfig, results: dict[str, Any]) -> None:
     results["totals"] = {k: sum(t[k] for t in results["tasks"].values()) for k in ("gpu_hours", "cpu_hours", "cost_usd")}
 
 
+HOUR_PARTS = ("train", "dev_eval", "reference", "test_eval")  # what a stage's device-hours paid for (study.hours_split)
+
+
+def part_hours(stage: dict[str, Any], part: str, unit: str) -> float | None:
+    """A stage's `unit` hours spent on `part`; None for results written without the split. Results of
+    clinft-ray before the train/dev_eval split kept both as `trials`, read here as `train`."""
+    by = stage.get("hours_by")
+    if not by:
+        return None
+    if part == "train" and "train" not in by and "dev_eval" not in by:
+        part = "trials"
+    return by.get(part, {}).get(unit, 0.0)
+
+
 def task_costs(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Device-hours per stage and in all, and DPO's cost over SFT's (GPU-hours, or CPU-hours without
-    GPUs): `dpo_sft_cost_ratio` for everything each stage ran (trials, reference pass, test scoring),
-    `dpo_sft_train_cost_ratio` for the trials alone (None for results without the split)."""
+    GPUs): `dpo_sft_cost_ratio` for everything each stage ran (training, dev scoring, reference pass,
+    test scoring), `dpo_sft_train_cost_ratio` for training alone (None for results without the split)."""
     costs: dict[str, Any] = {}
     for unit in ("gpu_hours", "cpu_hours", "cost_usd"):
         costs[unit] = sum(s[unit] for s in stages.values())
@@ -204,7 +218,7 @@ def task_costs(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     basis = "gpu_hours" if costs["sft_gpu_hours"] else "cpu_hours"
     sft_cost = costs[f"sft_{basis}"]
     costs["dpo_sft_cost_ratio"] = costs[f"dpo_{basis}"] / sft_cost if sft_cost else None
-    trials = [stages[n].get("hours_by", {}).get("trials", {}).get(basis) for n in ("sft", "dpo")]
-    costs["dpo_sft_train_cost_ratio"] = trials[1] / trials[0] if trials[0] and trials[1] is not None else None
+    train = [part_hours(stages[n], "train", basis) for n in ("sft", "dpo")]
+    costs["dpo_sft_train_cost_ratio"] = train[1] / train[0] if train[0] and train[1] is not None else None
     costs["cost_basis"] = basis
     return costs

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="clinft: %(message)s", stream=sys.stderr)
     logging.getLogger("clinft").setLevel(logging.INFO)
     try:
-        from clinft_ray.sweep import quiet_libraries
+        from clinft_ray.trial import quiet_libraries
 
         quiet_libraries()
         if args.command == "validate":

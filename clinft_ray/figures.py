@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-STAGES = ("base", "sft", "dpo")
+from clinft_ray.analysis import HOUR_PARTS, STAGES, part_hours
+
 LABELS = {"base": "base", "sft": "SFT", "dpo": "DPO"}
 COLORS = {"base": "#9e9e9e", "sft": "#1f77b4", "dpo": "#d62728"}
 
@@ -88,12 +89,12 @@ def eval_curves(task_name: str, stage: str, curves: dict[str, list[tuple[int, fl
     return path
 
 
-PARTS = {"trials": ("", 1.0), "reference": ("//", 0.75), "test_eval": ("..", 0.5)}  # hatch, opacity
+PARTS = dict(zip(HOUR_PARTS, [("", 1.0), ("xx", 0.8), ("//", 0.65), ("..", 0.5)], strict=True))  # hatch, opacity
 
 
 def cost_bars(results: dict[str, Any], path: Path) -> Path:
     """Device-hours per stage for every task (GPU-hours where any were used, else CPU-hours), each
-    bar stacked by what the hours paid for: trials, DPO's reference pass, test scoring."""
+    bar stacked by what the hours paid for: training, dev scoring, DPO's reference pass, test scoring."""
     plt = _plt()
     tasks = list(results["tasks"])
     unit = "gpu_hours" if any(t["gpu_hours"] for t in results["tasks"].values()) else "cpu_hours"
@@ -106,9 +107,9 @@ def cost_bars(results: dict[str, Any], path: Path) -> Path:
             values = []
             for t in tasks:
                 st = results["tasks"][t]["stages"][s]
-                by = st.get("hours_by") or {"trials": {unit: st[unit]}}  # results without the split
-                values.append(by.get(part, {}).get(unit, 0.0))
-            label = LABELS[s] if part == "trials" else (part.replace("_", " ") if k == 2 else None)
+                h = part_hours(st, part, unit)
+                values.append(h if h is not None else st[unit] if part == "train" else 0.0)  # results without the split
+            label = LABELS[s] if part == "train" else (part.replace("_", " ") if k == 2 else None)
             ax.bar(xs, values, width * 0.95, bottom=bottom, color=COLORS[s], alpha=opacity, hatch=hatch, label=label)
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.set_xticks(range(len(tasks)), tasks)

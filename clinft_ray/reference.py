@@ -143,8 +143,8 @@ def _reference_task(study: Study, task: TaskConfig, init_from: str) -> tuple[Ref
 
     from clinft_ray.data import dpo_rows
     from clinft_ray.modeling import has_chat_template, load_model, load_tokenizer, torch_dtype
-    from clinft_ray.sweep import quiet_worker, trainer_kwargs
     from clinft_ray.tasks import load_task_split
+    from clinft_ray.trial import quiet_worker, trainer_kwargs
 
     cfg, space = study.config, study.dpo_space
     start = time.monotonic()

@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-STAGES = ("base", "sft", "dpo")
+from clinft_ray.analysis import HOUR_PARTS, STAGES, part_hours
+
 STAGE_NAMES = {"base": "base", "sft": "SFT", "dpo": "DPO"}
 Table = tuple[list[str], list[list[str]]]
 
@@ -116,22 +117,20 @@ def selection_rows(results: dict[str, Any]) -> Table:
     return ["task", "stage", "selected", "step", "dev"], rows
 
 
-PARTS = ("trials", "reference", "test_eval")
-
-
 def cost_rows(results: dict[str, Any]) -> Table:
     """Trials, device-hours and cost per stage, and the device-hours split by what they paid for
-    (trials: training and dev scoring; DPO's reference pass; test scoring) in the task's cost basis."""
+    (training; dev scoring inside the trials; DPO's reference pass; test scoring) in the task's cost basis."""
     rows = []
     for name, t in results["tasks"].items():
         unit = t["cost_basis"]
         for s in STAGES:
             st = t["stages"][s]
-            by = st.get("hours_by", {})
-            split = " / ".join(f"{by.get(p, {}).get(unit, 0.0):.4f}" for p in PARTS) if by else "n/a"
+            parts = [part_hours(st, p, unit) for p in HOUR_PARTS]
+            split = " / ".join(f"{h:.4f}" for h in parts) if parts[0] is not None else "n/a"
             rows.append([name, s, str(st["trials"]), f"{st['gpu_hours']:.4f}", f"{st['cpu_hours']:.4f}", split,
                          _usd(st["cost_usd"])])
-    return ["task", "stage", "trials", "GPU-hours", "CPU-hours", "trials / reference / test eval", "cost (USD)"], rows
+    head = " / ".join(p.replace("_", " ") for p in HOUR_PARTS)
+    return ["task", "stage", "trials", "GPU-hours", "CPU-hours", head, "cost (USD)"], rows
 
 
 def _usd(x: float) -> str:
@@ -145,7 +144,7 @@ def cost_ratios(results: dict[str, Any]) -> list[str]:
             continue
         train = t.get("dpo_sft_train_cost_ratio")
         out.append(f"{name}: DPO/SFT cost = {t['dpo_sft_cost_ratio']:.2f}x ({t['cost_basis'].replace('_', '-')}, "
-                   "everything each stage ran)" + (f"; {train:.2f}x for the trials alone" if train is not None else ""))
+                   "everything each stage ran)" + (f"; {train:.2f}x for training alone" if train is not None else ""))
     return out
 
 

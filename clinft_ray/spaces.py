@@ -15,7 +15,7 @@ turns it into the `param_space` of a Ray Tune `Tuner`.
 `scheduler: {asha: {grace_steps: 200, reduction_factor: 3}}` stops trials early with Ray Tune's
 `ASHAScheduler` on the dev score they report (`to_scheduler()`); without it every trial trains to
 `max_steps`. `patience: N` stops a trial after N evals in a row without a better dev score (its own
-plateau, `sweep.DevReport`), independently of the other trials.
+plateau, `trial.DevReport`), independently of the other trials.
 """
 
 from __future__ import annotations

@@ -317,7 +317,7 @@ def _score_task(study: Study, task: TaskConfig, checkpoint: str | None, with_dev
     from clinft_ray.evaluate import score_split
     from clinft_ray.judge import judge_for
     from clinft_ray.modeling import device, load_model, load_tokenizer
-    from clinft_ray.sweep import quiet_worker
+    from clinft_ray.trial import quiet_worker
 
     cfg = study.config
     quiet_worker(cfg.resources.cpus_per_trial)
@@ -358,9 +358,10 @@ def log_examples(study: Study, tracker: Tracker, run: str, task: str, stage: str
 
 
 def hours_split(parts: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """A stage's device-hours by what they paid for (`trials`: training and dev scoring inside the
-    trials; `reference`: DPO's reference log-probs; `test_eval`: scoring the selected model on test,
-    and dev for the base model), and their totals. Each part is counted once."""
+    """A stage's device-hours by what they paid for (`train`: the trials' training steps, eval loss and
+    checkpoints; `dev_eval`: their dev scoring; `reference`: DPO's reference log-probs; `test_eval`:
+    scoring the selected model on test, and dev for the base model), and their totals. Each part is
+    counted once; parts with no hours are left out."""
     parts = {k: v for k, v in parts.items() if v}
     totals = {u: sum(p.get(u, 0.0) for p in parts.values()) for u in ("gpu_hours", "cpu_hours", "cost_usd")}
     return {**totals, "hours_by": parts}
@@ -383,9 +384,7 @@ def log_stage(tracker: Tracker, stage: StageResult, test: Scored, metric: str,
               test_hours: dict[str, float]) -> dict[str, Any]:
     """Record a finished sweep on its stage run and return its `results.json` entry; its device-hours
     are the trials', the reference pass's (DPO) and the test scoring's."""
-    hours = hours_split({"trials": {"gpu_hours": stage.gpu_hours, "cpu_hours": stage.cpu_hours,
-                                    "cost_usd": stage.cost_usd},
-                         "reference": stage.reference_hours, "test_eval": test_hours})
+    hours = hours_split({**stage.hours_by, "test_eval": test_hours})
     selected = {**stage.hparams, "step": stage.selected.step, "trial": stage.selected_trial,
                 "mlflow_run_id": stage.selected_run_id}
     tracker.params(stage.run_id, {f"selected.{k}": v for k, v in selected.items()})

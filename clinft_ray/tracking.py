@@ -358,6 +358,10 @@ class Tracker:
         self._send("log_artifact", run_id, str(path), artifact_path=folder)
 
 
+HOUR_UNITS = ("gpu_hours", "cpu_hours", "cost_usd")
+TRIAL_PARTS = ("train", "dev_eval")  # what a trial's device time paid for
+
+
 def device_hours(resources: dict[str, float], seconds: float, prices: CostConfig) -> dict[str, float]:
     """Device-hours of a piece of work: devices allocated x wall time, and their price.
     2 GPUs + 8 CPUs for 90 min at $2.50 per GPU-hour -> 3.0 gpu_hours, 12.0 cpu_hours, $7.50."""
@@ -371,10 +375,15 @@ class TrialRuns(Callback):
 
     `fixed_params` (schedule, seed, model) are logged on every trial beside its swept config;
     `tags` (task, stage, init_from) likewise. `run_ids` maps Tune trial ids to MLflow run ids and
-    `hours` to each trial's GPU/CPU-hours and cost once it has ended.
+    `hours` to each trial's device-hours once it has ended, by what they paid for: `dev_eval` (the
+    dev scoring inside the trial, as the trial timed it: `dev_eval_s` in its rows) and `train`
+    (the rest of the time it held its devices: training steps, eval loss, checkpoints).
 
-    When a stage resumes, the trial runs it already has in MLflow are picked up (one run per trial,
-    whatever the number of attempts), with the wall time their earlier attempts held the devices.
+    A trial's time is that of its attempts, each from the grant of its resources to its end: the wait
+    of a failed attempt for its retry holds no device and is not counted. When a stage resumes, the
+    trial runs it already has in MLflow are picked up (one run per trial, whatever the number of
+    attempts), with the time their earlier attempts held the devices (`wall_s`, `dev_eval_s` as last
+    logged; the driver's time down is not counted).
     """
 
     def __init__(self, tracker: Tracker, stage_run: str, resources: dict[str, float], prices: CostConfig,
@@ -384,7 +393,9 @@ class TrialRuns(Callback):
         self.resources = resources
         self.prices = prices
         self.started: dict[str, float] = {}  # trial id -> when this attempt's resources were granted (monotonic)
-        self.before: dict[str, float] = {}  # trial id -> seconds its attempts before this process held the devices
+        self.before: dict[str, float] = {}  # trial id -> seconds its ended attempts held the devices
+        self.dev_before: dict[str, float] = {}  # trial id -> seconds of dev scoring in its ended attempts
+        self.dev_now: dict[str, float] = {}  # trial id -> seconds of dev scoring its running attempt reported
         self.fixed_params = fixed_params
         self.tags = tags
         self.run_ids: dict[str, RunRef] = {}  # a PendingRun for a trial started while MLflow was down
@@ -396,15 +407,21 @@ class TrialRuns(Callback):
                 continue
             self.run_ids[trial_id] = run.info.run_id
             self.before[trial_id] = run.data.metrics.get("wall_s", 0.0)
+            self.dev_before[trial_id] = run.data.metrics.get("dev_eval_s", 0.0)
             # Rows up to here are in MLflow already; a trial resumed from an older checkpoint
             # reports some of them again, and they are not logged twice.
             self.steps[trial_id] = max((m.step for m in tracker.history(run.info.run_id, "wall_s")), default=-1)
             if run.info.status != "RUNNING":  # ended before the interruption: Tune will not run it again
-                self.hours[trial_id] = {k: run.data.metrics.get(k, 0.0) for k in ("gpu_hours", "cpu_hours", "cost_usd")}
+                self.hours[trial_id] = {part: {u: run.data.metrics.get(f"{u}/{part}", 0.0) for u in HOUR_UNITS}
+                                        for part in TRIAL_PARTS}
 
     def _seconds(self, trial: Any) -> float:
-        """Wall time the trial has held its devices: earlier attempts plus this one so far."""
-        return self.before.get(trial.trial_id, 0.0) + time.monotonic() - self.started.get(trial.trial_id, time.monotonic())
+        """Wall time the trial has held its devices: its ended attempts plus the running one so far."""
+        started = self.started.get(trial.trial_id)
+        return self.before.get(trial.trial_id, 0.0) + (0.0 if started is None else time.monotonic() - started)
+
+    def _dev_seconds(self, trial: Any) -> float:
+        return self.dev_before.get(trial.trial_id, 0.0) + self.dev_now.get(trial.trial_id, 0.0)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.started.setdefault(trial.trial_id, time.monotonic())
@@ -427,10 +444,12 @@ class TrialRuns(Callback):
         if run is None:
             return
         curves = {k: v for k, v in result.items() if k.startswith(METRIC_PREFIXES) and isinstance(v, int | float)}
+        self.dev_now[trial.trial_id] = float(result.get("dev_eval_s", 0.0))  # this attempt's, repeated rows too
         if int(result.get("step", 0)) <= self.steps.get(trial.trial_id, -1):
             return
         self.steps[trial.trial_id] = int(result.get("step", 0))
-        self.tracker.metrics(run, {**curves, "wall_s": self._seconds(trial)}, step=self.steps[trial.trial_id])
+        self.tracker.metrics(run, {**curves, "wall_s": self._seconds(trial), "dev_eval_s": self._dev_seconds(trial)},
+                             step=self.steps[trial.trial_id])
         if result.get("stopped"):
             self.tracker.tag(run, "clinft.stopped", f"{result['stopped']} at step {int(result.get('step', 0))}")
 
@@ -438,12 +457,26 @@ class TrialRuns(Callback):
         run = self.run_ids.get(trial.trial_id)
         if run is None:
             return
-        # Wall time from the grant of the trial's resources to its end, failed and retried attempts
-        # included: the devices were held all that time, whatever the trial reported.
+        # Every attempt from the grant of its resources to its end, failed ones included: the devices
+        # were held all that time, whatever the trial reported.
         seconds = self._seconds(trial)
-        self.hours[trial.trial_id] = device_hours(self.resources, seconds, self.prices)
-        self.tracker.metrics(run, {**self.hours[trial.trial_id], "wall_s": seconds}, step=self.steps.get(trial.trial_id))
+        dev = min(self._dev_seconds(trial), seconds)
+        self.hours[trial.trial_id] = {"train": device_hours(self.resources, seconds - dev, self.prices),
+                                      "dev_eval": device_hours(self.resources, dev, self.prices)}
+        totals = device_hours(self.resources, seconds, self.prices)
+        split = {f"{u}/{part}": h[u] for part, h in self.hours[trial.trial_id].items() for u in HOUR_UNITS}
+        self.tracker.metrics(run, {**totals, **split, "wall_s": seconds, "dev_eval_s": dev},
+                             step=self.steps.get(trial.trial_id))
         self.tracker.end(run, status)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A failed attempt that Tune retries: its time is banked, and the retry's clock starts when
+        its resources are granted again (not now: the wait holds no device)."""
+        started = self.started.pop(trial.trial_id, None)
+        if started is not None:
+            self.before[trial.trial_id] = self.before.get(trial.trial_id, 0.0) + time.monotonic() - started
+        self.dev_before[trial.trial_id] = self._dev_seconds(trial)
+        self.dev_now.pop(trial.trial_id, None)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, "FINISHED")

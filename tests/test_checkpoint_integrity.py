@@ -11,7 +11,7 @@ from ray.tune import Checkpoint
 
 from clinft_ray.config import ModelConfig
 from clinft_ray.modeling import MANIFEST, incomplete, read_manifest, write_manifest
-from clinft_ray.sweep import newest_whole
+from clinft_ray.trial import newest_whole
 
 
 def _checkpoint(folder, step: int):

@@ -61,7 +61,7 @@ def test_asha_stops_trailing_trials_and_selection_still_sees_them(demo_dir, ray_
         assert found[t].step <= last[t] and read_manifest(Path(found[t].checkpoint))["step"] == found[t].step
     stage = summarize("sft", stage_run, grid, runs, task.metric, task.name, cfg.storage_path)
     assert stage.selected.dev == max(c.dev for c in found.values())
-    assert stage.trials == 4 and stage.cpu_hours > 0
+    assert stage.trials == 4 and stage.hours_by["train"]["cpu_hours"] > 0
 
     # MLflow: one FINISHED run per trial, whose curve ends where the trial stopped
     client = MlflowClient(uri)

@@ -11,15 +11,14 @@ its architecture and vocabulary; `tests/real_tokenizers.py`).
   refuses a system role and demands alternating turns) with every answer accounted for.
 
 Sizes: at hidden size 32, a training step with Llama 3's 128,256-token vocabulary takes about 5 s on
-one CPU (its logits and TRL's entropy metric span the vocabulary), so the classification runs one SFT
-rate (1e-2, which both tokenizers learn by step 40: dev F1 1.0, where 3e-3 has not left chance) and
-scores trimmed eval/dev/test splits.
+two CPUs (its logits and TRL's entropy metric span the vocabulary), so each study runs one trial at a
+time on both CPUs, the classification one SFT rate (1e-2, which both tokenizers learn by step 40: dev
+F1 1.0, where 3e-3 has not left chance), and scores trimmed eval/dev/test splits.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -60,6 +59,7 @@ def study_on(model: Path, demo_dir: Path, out: Path, kind: str, plan: dict, **ta
     config.update(study=f"real-{out.name}")
     config["model"]["name_or_path"] = str(model)
     config["sft"]["space"], config["dpo"]["space"] = "sft.yaml", "dpo.yaml"
+    config["resources"]["cpus_per_trial"] = 2  # one trial at a time: both CPUs (torch threads) for it
     config["tasks"] = [{**task, "kind": kind, "splits": trimmed(demo_dir / "data" / kind, out / "data", plan["rows"])}]
     (out / "study.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return run_study(load_study(out / "study.yaml"))

@@ -60,7 +60,7 @@ def _evals(devs, patience, best=(float("-inf"), 0)):
     from transformers import TrainerControl, TrainerState
 
     from clinft_ray.evaluate import Scored
-    from clinft_ray.sweep import DevReport
+    from clinft_ray.trial import DevReport
 
     scores = iter(devs)
     report = DevReport(lambda model: Scored({"f1": next(scores)}, [], {}, []), lambda f, s: None, "f1", _Rows(),

@@ -120,18 +120,22 @@ def test_mlflow_run_tree(demo):
     for stage in ("sft", "dpo"):
         trials = _children(runs, stages[stage].info.run_id)
         total = sum(r.data.metrics["cpu_hours"] for r in trials)
+        train = sum(r.data.metrics["cpu_hours/train"] for r in trials)
+        dev = sum(r.data.metrics["cpu_hours/dev_eval"] for r in trials)
+        assert train + dev == pytest.approx(total) and 0 < dev < train  # dev scoring is timed apart
         entry = results["tasks"]["uti"]["stages"][stage]
         by = {part: h["cpu_hours"] for part, h in entry["hours_by"].items()}
-        assert by["trials"] == pytest.approx(total) and by["test_eval"] > 0  # the test scoring is counted
+        assert by["train"] == pytest.approx(train) and by["dev_eval"] == pytest.approx(dev)
+        assert by["test_eval"] > 0  # the test scoring is counted
         assert ("reference" in by and by["reference"] > 0) == (stage == "dpo")  # so is DPO's reference pass
         assert entry["cpu_hours"] == pytest.approx(sum(by.values()))
         assert stages[stage].data.metrics["cpu_hours"] == pytest.approx(entry["cpu_hours"])
-        assert stages[stage].data.metrics["cpu_hours/trials"] == pytest.approx(total)
+        assert stages[stage].data.metrics["cpu_hours/train"] == pytest.approx(train)
     assert results["tasks"]["uti"]["stages"]["base"]["hours_by"]["test_eval"]["cpu_hours"] > 0
     assert task_run.data.metrics["dpo_sft_cost_ratio"] == pytest.approx(
         stages["dpo"].data.metrics["cpu_hours"] / stages["sft"].data.metrics["cpu_hours"])
     assert task_run.data.metrics["dpo_sft_train_cost_ratio"] == pytest.approx(
-        stages["dpo"].data.metrics["cpu_hours/trials"] / stages["sft"].data.metrics["cpu_hours/trials"])
+        stages["dpo"].data.metrics["cpu_hours/train"] / stages["sft"].data.metrics["cpu_hours/train"])
     assert task_run.data.params["data.test.rows"] == "200" and len(task_run.data.params["data.test.sha256"]) == 64
 
 
@@ -173,3 +177,42 @@ def test_artifacts_stay_in_the_output_dir(demo):
     assert location == (out / "mlartifacts").resolve().as_uri()
     assert (out / "mlartifacts").is_dir()
     assert not (out / "examples").exists()  # no answers are logged unless mlflow.log_examples opts in
+
+
+def test_device_hours_add_up_to_the_time_runs_and_ray_tasks_held(demo, ray_session):
+    """The accounting against what MLflow and Ray themselves recorded: each trial's hours are its
+    run's start-to-end time on its CPUs, and every Ray task of the study that held a device (the test
+    scoring of base, SFT and DPO, DPO's reference pass) is in the stages' hours with the time Ray saw
+    it run; the trials' actors held their CPUs at least as long as the trials are billed."""
+    from ray.util.state import list_actors, list_tasks
+
+    study, results, _, _, runs = demo
+    study_run = runs[results["mlflow"]["study_run_id"]]
+    t0, t1 = study_run.info.start_time, study_run.info.end_time
+    _, stages = _stage_runs(runs, results)
+    cpus = study.config.resources.cpus_per_trial
+    billed = 0.0
+    for stage in ("sft", "dpo"):
+        for r in _children(runs, stages[stage].info.run_id):
+            held = (r.info.end_time - r.info.start_time) / 1000
+            assert r.data.metrics["wall_s"] == pytest.approx(held, rel=0.05, abs=3.0), r.info.run_name
+            assert r.data.metrics["cpu_hours"] == pytest.approx(cpus * r.data.metrics["wall_s"] / 3600)
+            billed += r.data.metrics["wall_s"]
+
+    def window(start_ms, end_ms):
+        return start_ms and end_ms and t0 <= start_ms and end_ms <= t1
+
+    tasks = [t for t in list_tasks(filters=[("type", "=", "NORMAL_TASK")], detail=True, limit=10_000)
+             if window(t.start_time_ms, t.end_time_ms) and t.required_resources]
+    kinds = sorted(t.func_or_class_name.rsplit(".", 1)[-1] for t in tasks)
+    assert kinds == ["_reference_task", "_score_task", "_score_task", "_score_task"], kinds
+    stage_hours = results["tasks"]["uti"]["stages"]
+    accounted = sum(stage_hours[s]["hours_by"][part]["cpu_hours"] for s, part in
+                    [("base", "test_eval"), ("sft", "test_eval"), ("dpo", "test_eval"), ("dpo", "reference")])
+    ray_seen = sum(t.required_resources.get("CPU", 0) * (t.end_time_ms - t.start_time_ms) / 3.6e6 for t in tasks)
+    assert accounted == pytest.approx(ray_seen, rel=0.05, abs=2 / 3600)
+
+    actors = [a for a in list_actors(detail=True, limit=10_000) if window(a.start_time_ms, a.end_time_ms)]
+    lifetimes = sum((a.end_time_ms - a.start_time_ms) / 1000 for a in actors)
+    print(f"trials billed {billed:.0f} s; actors alive {lifetimes:.0f} s: {sorted(a.class_name for a in actors)}")
+    assert 0.5 * lifetimes <= billed <= lifetimes + 3.0, sorted(a.class_name for a in actors)
