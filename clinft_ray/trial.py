@@ -55,6 +55,7 @@ def quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's own bars (the reference pass) read it
 
 
 def quiet_worker(threads: float) -> None:

@@ -53,7 +53,7 @@ def preference_rows(n: int, seed: int, chat: bool = False) -> list[dict[str, Any
 
 
 def make_trainer(cls: type, tiny: Path, rows: list[dict[str, Any]], *, lora: bool, loss_type: str = "sigmoid",
-                 attn: str = "sdpa", **config: Any) -> Any:
+                 attn: str = "sdpa", max_length: int = 96, **config: Any) -> Any:
     """A trainer whose trainable weights are moved off the reference by the same seeded noise. Full
     fine-tuning gets a second load as its reference model, unless the rows carry precomputed values."""
     from datasets import Dataset
@@ -66,7 +66,7 @@ def make_trainer(cls: type, tiny: Path, rows: list[dict[str, Any]], *, lora: boo
 
     args = DPOConfig(output_dir=str(tiny / "out"), use_cpu=True, bf16=False, report_to=[],
                      per_device_train_batch_size=len(rows),
-                     per_device_eval_batch_size=3, max_length=96, beta=0.2, loss_type=[loss_type], seed=0,
+                     per_device_eval_batch_size=3, max_length=max_length, beta=0.2, loss_type=[loss_type], seed=0,
                      disable_tqdm=True, **config)
     trainer = cls(
         model=load(),
@@ -361,6 +361,26 @@ def test_packed_step_equals_stock_trl_on_real_tokenizers(real_models, family, lo
     model = real_models[family]
     assert_same_step(make_trainer(DPOTrainer, model, rows, lora=lora),
                      make_trainer(PackedDPOTrainer, model, rows, lora=lora), pairs=4)
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama3"])
+def test_packed_step_equals_stock_trl_on_rows_truncation_cuts(real_models, family):
+    """`max_length` 2 tokens past the longest prompt: the answers that run past it are cut (and lose
+    their end-of-turn token) as TRL's `keep_start` cuts them; packed and stock still agree."""
+    from transformers import AutoTokenizer
+    from trl import DPOTrainer
+
+    from clinft_ray.evaluate import row_tokens
+
+    model = real_models[family]
+    tok = AutoTokenizer.from_pretrained(model)
+    rows = preference_rows(4, seed=7, chat=True)
+    tokens = [row_tokens(tok, r["prompt"], r[k][0]["content"]) for r in rows for k in ("chosen", "rejected")]
+    max_length = max(len(t.prompt) for t in tokens) + 2
+    cut = sum(len(t.prompt) + len(t.answer) > max_length for t in tokens)
+    assert cut >= 3, f"only {cut} of {len(tokens)} answers are cut: a weak test"
+    assert_same_step(make_trainer(DPOTrainer, model, rows, lora=False, max_length=max_length),
+                     make_trainer(PackedDPOTrainer, model, rows, lora=False, max_length=max_length), pairs=4)
 
 
 @pytest.mark.parametrize("family", ["mistral", "llama3"])
