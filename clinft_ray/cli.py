@@ -23,10 +23,8 @@ import time
 import traceback
 from pathlib import Path
 
-from clinft_ray.config import ConfigError, Study, load_study
-from clinft_ray.data import DataError
-from clinft_ray.preflight import PreflightError
-from clinft_ray.sweep import StudyError
+from clinft_ray.config import Study, load_study
+from clinft_ray.errors import ConfigError, DataError, PreflightError, StudyError
 
 log = logging.getLogger("clinft")
 

@@ -18,17 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clinft_ray.errors import DataError
+
 COLUMNS = ("id", "prompt", "chosen", "rejected")
 log = logging.getLogger("clinft")
 Prompt = str | list[dict[str, str]]
 
 
-class DataError(ValueError):
-    """A split is malformed. `problems` holds one line per problem."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
 
 
 GoldCheck = Callable[[dict[str, Any]], "str | None"]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from clinft_ray.config import JudgeConfig
+from clinft_ray.errors import JudgeError
 
 CORRECTNESS_RUBRIC = (
     "You grade answers to clinical questions. Compare the candidate answer with the reference answer. "
@@ -38,8 +39,6 @@ SUMMARY_RUBRIC = (
 )
 
 
-class JudgeError(RuntimeError):
-    """The judge could not be reached or gave no usable grade (the message never quotes text)."""
 
 
 def _sections(**parts: str) -> str:

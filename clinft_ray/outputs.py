@@ -19,10 +19,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from clinft_ray.analysis import STAGES, study_statistics
-from clinft_ray.config import ConfigError, StudyConfig, apply_override, format_errors, parse_overrides
+from clinft_ray.config import TASK_KINDS, StudyConfig, apply_override, parse_overrides
+from clinft_ray.errors import ConfigError, StudyError, format_errors
 from clinft_ray.figures import cost_bars, eval_curves, outcome_bars
 from clinft_ray.report import write_outputs
-from clinft_ray.sweep import StudyError
 from clinft_ray.tracking import Tracker, redact_uri
 
 log = logging.getLogger("clinft")
@@ -119,7 +119,7 @@ def report_config(stored: dict[str, Any], overrides: list[str], source: str) -> 
     try:
         cfg = StudyConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(source, format_errors(err, StudyConfig)) from None
+        raise ConfigError(source, format_errors(err, StudyConfig, TASK_KINDS)) from None
     changed = [k for k in dotted_diff(stored, stored_config(cfg)) if not k.startswith(REPORT_KEYS)]
     if changed:
         raise ConfigError(source, [f"{', '.join(changed)}: would change what was trained or scored; clinft report "

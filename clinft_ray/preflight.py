@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from clinft_ray.config import JudgeConfig, Resources, StudyConfig
+from clinft_ray.errors import PreflightError
 from clinft_ray.tracking import redact_uri
 
 TRACKING_TIMEOUT_S = 5.0
@@ -21,8 +22,6 @@ JUDGE_TIMEOUT_S = 30.0
 DRIVER_CPUS = 0.01  # what the Tune trial that only drives a multi-worker TorchTrainer holds
 
 
-class PreflightError(RuntimeError):
-    """The cluster, tracking server or storage cannot run this study as configured."""
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from clinft_ray.errors import PreflightError
 from clinft_ray.evaluate import Scored
-from clinft_ray.preflight import PreflightError
 from clinft_ray.selection import Candidate
 from clinft_ray.sweep import StageResult
 from clinft_ray.tracking import Tracker

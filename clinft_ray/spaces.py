@@ -28,6 +28,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from clinft_ray.errors import ConfigError, format_errors
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -231,8 +233,6 @@ class SearchSpace(_Strict):
 
 def load_space(path: str | Path, stage: str) -> SearchSpace:
     """Load and validate a space file for `stage`; raises `ConfigError` listing every problem."""
-    from clinft_ray.config import ConfigError, format_errors
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(str(p), ["file not found; point the stage's space: at a tune_spaces/*.yaml"])

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from clinft_ray.analysis import task_costs
-from clinft_ray.config import SPLITS, ConfigError, Study, TaskConfig
-from clinft_ray.data import DataError, Example, fingerprint, leakage_problems
+from clinft_ray.config import SPLITS, Study, TaskConfig
+from clinft_ray.data import Example, fingerprint, leakage_problems
 from clinft_ray.dpo import run_dpo
+from clinft_ray.errors import ConfigError, DataError, StudyError
 from clinft_ray.evaluate import Scored
 from clinft_ray.outputs import dotted_diff, publish, stored_config
 from clinft_ray.preflight import (
@@ -37,7 +38,7 @@ from clinft_ray.preflight import (
 )
 from clinft_ray.progress import Progress, scored_from_json, scored_to_json, stage_from_json, stage_to_json
 from clinft_ray.sft import run_sft
-from clinft_ray.sweep import StageResult, StudyError
+from clinft_ray.sweep import StageResult
 from clinft_ray.tasks import load_task_split, one_prediction
 from clinft_ray.tracking import OUTBOX_FILE, Tracker, device_hours, redact_uri, study_tracking_uri
 

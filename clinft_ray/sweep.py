@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clinft_ray.config import Study, TaskConfig
+from clinft_ray.errors import StudyError
 from clinft_ray.modeling import checkpoint_ref, incomplete
 from clinft_ray.preflight import DRIVER_CPUS, TrialResources
 from clinft_ray.selection import Candidate, select_best
@@ -183,8 +184,6 @@ class StageResult:
     selected_trial: str
 
 
-class StudyError(RuntimeError):
-    """The study cannot go on (every trial of a sweep failed, ...); the message says where to look."""
 
 
 def summarize(stage: str, stage_run: str, grid: Any, runs: Any, metric: str, task: str, storage: str) -> StageResult:

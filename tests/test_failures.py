@@ -13,8 +13,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from clinft_ray.config import load_study
+from clinft_ray.errors import StudyError
 from clinft_ray.study import run_study
-from clinft_ray.sweep import StudyError
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from clinft_ray.config import ConfigError
+from clinft_ray.errors import ConfigError
 
 HERE = Path(__file__).resolve().parent
 
