@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -77,15 +76,13 @@ def test_bad_input_is_one_line_exit_2_and_damages_nothing(case, demo_run, tmp_pa
     args, expected = CASES[case]
     extra = args(folder)
     before = _snapshot(folder)
-    start = time.monotonic()
     res = subprocess.run([sys.executable, "-m", "clinft_ray.cli", "run", str(folder / "study.yaml"), *extra],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("clinft: error:")]
     assert errors and any(expected in line for line in errors), res.stderr[-2000:]
     assert "Traceback" not in res.stderr and CANARY not in res.stderr + res.stdout
-    assert time.monotonic() - start < 120
-    assert _snapshot(folder) == before
+    assert _snapshot(folder) == before  # nothing trained, nothing rewritten
 
 
 # -- The same promise for each category of bad input, without the demo run: `clinft` in-process (fast),

@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -171,11 +170,10 @@ def test_report_rebuilds_a_finished_study_at_new_alpha_and_price_without_trainin
     runs_before = {r.info.run_id for r in client.search_runs([before["mlflow"]["experiment_id"]], max_results=1000)}
     figure = out / "figures" / "uti_test.png"
     stamp = figure.stat().st_mtime_ns
-    start = time.monotonic()
     res = clinft("report", str(out), "--set", "stats.alpha=0.01", "--set", "cost.cpu_hour_usd=3.1",
                  "--set", "cost.gpu_hour_usd=3.1", "--set", f"mlflow.tracking_uri={uri}")
     assert res.returncode == 0, res.stderr
-    assert time.monotonic() - start < 90  # imports included; nothing is trained or scored
+    # nothing is trained or scored: the copy has no model, data or Ray folder to do it with
     after = json.loads((out / "results.json").read_text())
     assert after["alpha"] == 0.01 and after["threshold"] == pytest.approx(0.01 / 1)
     assert after["fingerprint"] == before["fingerprint"]
