@@ -68,20 +68,30 @@ CASES = {
 }
 
 
+def _in_process(capsys, *args: str) -> tuple[int, list[str], str]:  # noqa: ANN001
+    """`clinft ARGS` in this process: (exit code, its `clinft: error:` lines, all it printed)."""
+    from clinft_ray.cli import main
+
+    code = main(list(args))
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    return code, [line for line in text.splitlines() if line.startswith("clinft: error:")], text
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_exit_2_and_damages_nothing(case, demo_run, tmp_path):
+def test_bad_input_is_one_line_exit_2_and_damages_nothing(case, demo_run, capsys):
+    """`clinft run` (in this process; the real command is run below) on the finished demo study's own
+    folder: its results, MLflow store, checkpoints and Tune state are byte for byte the same after."""
     study, _ = demo_run
     folder = study.config.output_dir
     (folder / "bad").mkdir(exist_ok=True)
     args, expected = CASES[case]
     extra = args(folder)
     before = _snapshot(folder)
-    res = subprocess.run([sys.executable, "-m", "clinft_ray.cli", "run", str(folder / "study.yaml"), *extra],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2, res.stderr[-2000:]
-    errors = [line for line in res.stderr.splitlines() if line.startswith("clinft: error:")]
-    assert errors and any(expected in line for line in errors), res.stderr[-2000:]
-    assert "Traceback" not in res.stderr and CANARY not in res.stderr + res.stdout
+    code, errors, text = _in_process(capsys, "run", str(folder / "study.yaml"), *extra)
+    assert code == 2, text[-2000:]
+    assert errors and any(expected in line for line in errors), text[-2000:]
+    assert "Traceback" not in text and CANARY not in text
     assert _snapshot(folder) == before  # nothing trained, nothing rewritten
 
 
@@ -217,16 +227,6 @@ BAD = {
         lambda d: _space(d, "sft", "learning_rate: 1.0e-3\nscheduler: {asha: {grace_steps: 20}}\n"),
         "scheduler.asha.grace_steps: 20 is not shorter than the trial (max_steps 20)"),
 }
-
-
-def _in_process(capsys, *args: str) -> tuple[int, list[str], str]:  # noqa: ANN001
-    """`clinft ARGS` in this process: (exit code, its `clinft: error:` lines, all it printed)."""
-    from clinft_ray.cli import main
-
-    code = main(list(args))
-    printed = capsys.readouterr()
-    text = printed.out + printed.err
-    return code, [line for line in text.splitlines() if line.startswith("clinft: error:")], text
 
 
 @pytest.mark.parametrize("case", list(BAD))
