@@ -13,7 +13,7 @@
   ...<|eot_id|>`), paired with a random `LlamaForCausalLM` of vocab 128,256.
 
 Each is saved with `save_pretrained` into a folder that `AutoTokenizer` / `AutoModelForCausalLM` load,
-exactly as clinft-ray loads `model.name_or_path`. The models are tiny (hidden size 16-32, 2 layers,
+exactly as clinft-ray loads `model.name_or_path`. The models are tiny (hidden size 64 for Mistral, 32 for Llama 3's larger vocabulary; 2 layers,
 tied embeddings) so that training steps stay fast on a CPU even with Llama 3's vocabulary.
 """
 
@@ -91,7 +91,10 @@ def llama3_tokenizer():
     return tok
 
 
-def build(family: str, out: str | Path, *, seed: int = 0, hidden_size: int = 32) -> Path:
+HIDDEN = {"mistral": 64, "llama3": 32}  # the widths at which each learns the demo's task (test_real_tokenizers)
+
+
+def build(family: str, out: str | Path, *, seed: int = 0, hidden_size: int | None = None) -> Path:
     """Write the tokenizer of `family` ("mistral" or "llama3") and a random model of its architecture
     and vocabulary into `out`; returns `out`."""
     import torch
@@ -102,6 +105,7 @@ def build(family: str, out: str | Path, *, seed: int = 0, hidden_size: int = 32)
     tok = mistral_tokenizer(out) if family == "mistral" else llama3_tokenizer()
     assert tok.pad_token is None  # as on the hub: clinft-ray has to pick one
     tok.save_pretrained(out)
+    hidden_size = hidden_size or HIDDEN[family]
     shape = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                  tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
