@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -136,9 +135,8 @@ def data_fingerprint(splits: dict[str, list[dict[str, Any]]]) -> str:
     return hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()
 
 
-def _reference_task(study: Study, task: TaskConfig, init_from: str) -> tuple[RefLogps, float]:
-    """Ray task: the reference values of a task's DPO rows under the SFT checkpoint, and the seconds
-    the task held its devices (for the DPO stage's device-hours)."""
+def _reference_task(study: Study, task: TaskConfig, init_from: str) -> RefLogps:
+    """Ray task: the reference values of a task's DPO rows under the SFT checkpoint."""
     from trl import DPOConfig
 
     from clinft_ray.data import dpo_rows
@@ -147,7 +145,6 @@ def _reference_task(study: Study, task: TaskConfig, init_from: str) -> tuple[Ref
     from clinft_ray.trial import quiet_worker, trainer_kwargs
 
     cfg, space = study.config, study.dpo_space
-    start = time.monotonic()
     quiet_worker(cfg.resources.cpus_per_trial)
     tok = load_tokenizer(cfg.model)
     chat = has_chat_template(tok)
@@ -157,7 +154,7 @@ def _reference_task(study: Study, task: TaskConfig, init_from: str) -> tuple[Ref
         # learning rate is unused: nothing is trained here.
         args = DPOConfig(**trainer_kwargs(space, {"learning_rate": 0.0}, cfg.seed, torch_dtype(cfg.model), scratch),
                          max_length=cfg.model.max_length, precompute_ref_batch_size=space.batch_size)
-        return compute_reference_logps(load_model(cfg.model, init_from), tok, splits, args), time.monotonic() - start
+        return compute_reference_logps(load_model(cfg.model, init_from), tok, splits, args)
 
 
 def sweep_reference(study: Study, task: TaskConfig, init_from: str, worker: dict[str, float],
@@ -165,10 +162,9 @@ def sweep_reference(study: Study, task: TaskConfig, init_from: str, worker: dict
     """The reference values for a DPO sweep from `init_from`: from the cache in `cache_dir`, or computed
     once by a Ray task holding one trial worker's resources (`worker`, a Ray resource request); and
     the device-hours that task cost (zero when the values came from the cache)."""
-    import ray
-
     from clinft_ray.data import dpo_rows
     from clinft_ray.modeling import has_chat_template, load_tokenizer
+    from clinft_ray.sweep import device_task
     from clinft_ray.tasks import load_task_split
 
     cfg = study.config
@@ -188,8 +184,7 @@ def sweep_reference(study: Study, task: TaskConfig, init_from: str, worker: dict
     seconds = [0.0]
 
     def compute() -> RefLogps:
-        remote = ray.remote(_reference_task).options(num_cpus=worker.get("CPU", 1), num_gpus=worker.get("GPU", 0))
-        values, seconds[0] = ray.get(remote.remote(study, task, init_from))
+        values, seconds[0] = device_task(_reference_task, worker, study, task, init_from)
         return values
 
     values = cached_reference_logps(cache_dir, key, compute)

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from clinft_ray.preflight import (
 )
 from clinft_ray.progress import Progress, scored_from_json, scored_to_json, stage_from_json, stage_to_json
 from clinft_ray.sft import run_sft
-from clinft_ray.sweep import StageResult
+from clinft_ray.sweep import StageResult, device_task
 from clinft_ray.tasks import load_task_split, one_prediction
 from clinft_ray.tracking import OUTBOX_FILE, Tracker, device_hours, redact_uri, study_tracking_uri
 
@@ -314,7 +313,7 @@ def start_ray(study: Study) -> TrialResources:
     return trial_resources(cfg.resources, ray.cluster_resources())
 
 
-def _score_task(study: Study, task: TaskConfig, checkpoint: str | None, with_dev: bool) -> tuple[Scored, Scored | None, float]:
+def _score_task(study: Study, task: TaskConfig, checkpoint: str | None, with_dev: bool) -> tuple[Scored, Scored | None]:
     from clinft_ray.evaluate import score_split
     from clinft_ray.judge import judge_for
     from clinft_ray.modeling import device, load_model, load_tokenizer
@@ -322,24 +321,20 @@ def _score_task(study: Study, task: TaskConfig, checkpoint: str | None, with_dev
 
     cfg = study.config
     quiet_worker(cfg.resources.cpus_per_trial)
-    start = time.monotonic()
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, checkpoint).to(device())
     splits = ("test", "dev") if with_dev else ("test",)
     judge = judge_for(study)
     scored = [score_split(model, tok, task, load_task_split(task, s), cfg.model.max_length, judge) for s in splits]
-    return scored[0], scored[1] if with_dev else None, time.monotonic() - start
+    return scored[0], scored[1] if with_dev else None
 
 
 def evaluate(study: Study, task: TaskConfig, checkpoint: str | None, resources: TrialResources,
              with_dev: bool = False) -> Evaluated:
     """Score the base model (`checkpoint=None`) or a checkpoint, as a Ray task with one trial
     worker's resources."""
-    import ray
-
     worker = resources.worker()
-    remote = ray.remote(_score_task).options(num_cpus=worker["CPU"], num_gpus=worker.get("GPU", 0))
-    test, dev, seconds = ray.get(remote.remote(study, task, checkpoint, with_dev))
+    (test, dev), seconds = device_task(_score_task, worker, study, task, checkpoint, with_dev)
     return Evaluated(test=test, dev=dev, hours=device_hours(worker, seconds, study.config.cost))
 
 

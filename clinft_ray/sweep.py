@@ -240,3 +240,18 @@ def run_stage(stage: str, study: Study, task: TaskConfig, tracker: Tracker, task
         metric=task.metric,
     )
     return summarize(stage, stage_run, grid, runs, task.metric, task.name, cfg.storage_path)
+
+
+def device_task(fn: Callable[..., Any], worker: dict[str, float], *args: Any) -> tuple[Any, float]:
+    """Run `fn(*args)` as a Ray task holding one trial worker's resources (`worker`, a Ray resource
+    request); returns its result and the seconds from submission to result, timed here: the devices
+    are held from the grant of the task's lease, through its worker's start and imports, to its end,
+    which a clock inside the task would miss (the study submits these one at a time, between sweeps)."""
+    import time
+
+    import ray
+
+    remote = ray.remote(fn).options(num_cpus=worker.get("CPU", 1), num_gpus=worker.get("GPU", 0))
+    start = time.monotonic()
+    result = ray.get(remote.remote(*args))
+    return result, time.monotonic() - start

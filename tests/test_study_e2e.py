@@ -183,8 +183,8 @@ def test_device_hours_add_up_to_the_time_runs_and_ray_tasks_held(demo, ray_sessi
     """The accounting against what MLflow and Ray themselves recorded: each trial's hours are its
     run's start-to-end time on its CPUs, and every Ray task of the study that held a device (the test
     scoring of base, SFT and DPO, DPO's reference pass) is in the stages' hours with the time Ray saw
-    it run (Ray's RUNNING to FINISHED; the task's own clock starts a moment later, once its function
-    is loaded)."""
+    it run: at least Ray's RUNNING-to-FINISHED time, and the worker's start on top (the driver times
+    each task from submission to result, while its lease holds the devices)."""
     from ray.util.state import list_tasks
 
     study, results, _, _, runs = demo
@@ -209,4 +209,4 @@ def test_device_hours_add_up_to_the_time_runs_and_ray_tasks_held(demo, ray_sessi
                     [("base", "test_eval"), ("sft", "test_eval"), ("dpo", "test_eval"), ("dpo", "reference")])
     ray_seen = sum(t.required_resources.get("CPU", 0) * (t.end_time_ms - t.start_time_ms) / 3.6e6 for t in tasks)
     print(f"Ray tasks: {ray_seen * 3600:.1f} CPU-s as Ray saw them, {accounted * 3600:.1f} accounted")
-    assert ray_seen * 0.9 - 2 * len(tasks) / 3600 <= accounted <= ray_seen * 1.01
+    assert ray_seen * 0.98 <= accounted <= ray_seen * 1.1 + 20 * len(tasks) / 3600
