@@ -39,7 +39,7 @@ from clinft_ray.progress import Progress, scored_from_json, scored_to_json, stag
 from clinft_ray.sft import run_sft
 from clinft_ray.sweep import StageResult, device_task
 from clinft_ray.tasks import load_task_split, one_prediction
-from clinft_ray.tracking import OUTBOX_FILE, Tracker, device_hours, redact_uri, study_tracking_uri
+from clinft_ray.tracking import HOUR_UNITS, OUTBOX_FILE, Tracker, device_hours, redact_uri, study_tracking_uri
 
 log = logging.getLogger("clinft")
 
@@ -359,12 +359,12 @@ def hours_split(parts: dict[str, dict[str, float]]) -> dict[str, Any]:
     scoring the selected model on test, and dev for the base model), and their totals. Each part is
     counted once; parts with no hours are left out."""
     parts = {k: v for k, v in parts.items() if v}
-    totals = {u: sum(p.get(u, 0.0) for p in parts.values()) for u in ("gpu_hours", "cpu_hours", "cost_usd")}
+    totals = {u: sum(p.get(u, 0.0) for p in parts.values()) for u in HOUR_UNITS}
     return {**totals, "hours_by": parts}
 
 
 def _hour_metrics(entry: dict[str, Any]) -> dict[str, float]:
-    return {**{u: entry[u] for u in ("gpu_hours", "cpu_hours", "cost_usd")},
+    return {**{u: entry[u] for u in HOUR_UNITS},
             **{f"{u}/{part}": v for part, h in entry["hours_by"].items() for u, v in h.items()}}
 
 

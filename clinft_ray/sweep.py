@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,8 +248,6 @@ def device_task(fn: Callable[..., Any], worker: dict[str, float], *args: Any) ->
     request); returns its result and the seconds from submission to result, timed here: the devices
     are held from the grant of the task's lease, through its worker's start and imports, to its end,
     which a clock inside the task would miss (the study submits these one at a time, between sweeps)."""
-    import time
-
     import ray
 
     remote = ray.remote(fn).options(num_cpus=worker.get("CPU", 1), num_gpus=worker.get("GPU", 0))

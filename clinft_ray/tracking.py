@@ -412,8 +412,7 @@ class TrialRuns(Callback):
             # reports some of them again, and they are not logged twice.
             self.steps[trial_id] = max((m.step for m in tracker.history(run.info.run_id, "wall_s")), default=-1)
             if run.info.status != "RUNNING":  # ended before the interruption: Tune will not run it again
-                self.hours[trial_id] = {part: {u: run.data.metrics.get(f"{u}/{part}", 0.0) for u in HOUR_UNITS}
-                                        for part in TRIAL_PARTS}
+                self.hours[trial_id] = self._split(self.before[trial_id], self.dev_before[trial_id])
 
     def _seconds(self, trial: Any) -> float:
         """Wall time the trial has held its devices: its ended attempts plus the running one so far."""
@@ -422,6 +421,11 @@ class TrialRuns(Callback):
 
     def _dev_seconds(self, trial: Any) -> float:
         return self.dev_before.get(trial.trial_id, 0.0) + self.dev_now.get(trial.trial_id, 0.0)
+
+    def _split(self, seconds: float, dev: float) -> dict[str, dict[str, float]]:
+        """A trial's device-hours by part (`TRIAL_PARTS`) from its held and dev-scoring seconds."""
+        return {"train": device_hours(self.resources, seconds - dev, self.prices),
+                "dev_eval": device_hours(self.resources, dev, self.prices)}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.started.setdefault(trial.trial_id, time.monotonic())
@@ -461,8 +465,7 @@ class TrialRuns(Callback):
         # were held all that time, whatever the trial reported.
         seconds = self._seconds(trial)
         dev = min(self._dev_seconds(trial), seconds)
-        self.hours[trial.trial_id] = {"train": device_hours(self.resources, seconds - dev, self.prices),
-                                      "dev_eval": device_hours(self.resources, dev, self.prices)}
+        self.hours[trial.trial_id] = self._split(seconds, dev)
         totals = device_hours(self.resources, seconds, self.prices)
         split = {f"{u}/{part}": h[u] for part, h in self.hours[trial.trial_id].items() for u in HOUR_UNITS}
         self.tracker.metrics(run, {**totals, **split, "wall_s": seconds, "dev_eval_s": dev},
