@@ -127,13 +127,15 @@ def build_model(preset: str, device: str, dtype: torch.dtype, max_positions: int
         return LlamaForCausalLM._from_config(config, dtype=dtype)
 
 
-def trainer_args(cls: type, out: str, steps: int, batch: int, device: str, dtype: torch.dtype, **extra: Any) -> Any:
-    """clinft-ray's trial arguments (`trial.trainer_kwargs`) without evaluation or logging."""
-    cuda = device == "cuda"
-    return cls(output_dir=out, max_steps=steps, learning_rate=1e-5, per_device_train_batch_size=batch,
-               per_device_eval_batch_size=batch, eval_strategy="no", save_strategy="no", logging_steps=10_000,
-               report_to=[], use_cpu=not cuda, bf16=cuda and dtype == torch.bfloat16, disable_tqdm=True,
-               dataloader_drop_last=True, **extra)
+def trainer_args(cls: type, out: str, steps: int, batch: int, dtype: torch.dtype, **extra: Any) -> Any:
+    """clinft-ray's trial arguments (`trial.trainer_kwargs`, for a space of `steps` steps of `batch`
+    rows), without evaluation or logging."""
+    from clinft_ray.spaces import SearchSpace
+    from clinft_ray.trial import trainer_kwargs
+
+    space = SearchSpace(stage="sft", learning_rate={"grid": [1e-5]}, max_steps=steps, eval_steps=steps, batch_size=batch)
+    common = trainer_kwargs(space, {"learning_rate": 1e-5}, 0, dtype, out)
+    return cls(**{**common, "eval_strategy": "no", "logging_steps": 10_000, "dataloader_drop_last": True}, **extra)
 
 
 def timed_steps(trainer: Any, opts: argparse.Namespace) -> list[float]:
@@ -192,7 +194,7 @@ def builders(shape: Shape, opts: argparse.Namespace, scratch: str, out: dict[str
         return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear") if opts.lora else None
 
     def args(cls: type, **extra: Any) -> Any:
-        return trainer_args(cls, scratch, steps, batch, opts.device, dtype, max_length=None, **extra)
+        return trainer_args(cls, scratch, steps, batch, dtype, max_length=None, **extra)
 
     def sft() -> Any:
         sft_rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]

@@ -103,8 +103,7 @@ def protocol(demo: Path, out: Path, base: dict[str, Any]) -> dict[str, Any]:
 
 
 def ours(demo: Path, out: Path, base: dict[str, Any], grace: int, factor: float, patience: int | None) -> dict[str, Any]:
-    from clinft_ray.selection import select_best
-    from clinft_ray.sweep import candidates
+    from clinft_ray.selection import candidates, select_best
 
     space = dict(base)
     if grace:

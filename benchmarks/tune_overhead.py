@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import shutil
 import statistics
 import sys
@@ -93,9 +92,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import trl  # noqa: F401  (imported before timing: the Tune driver holds it too)
 
     from clinft_ray.demo import prepare_demo
+    from clinft_ray.study import ray_environment
 
-    for key in ("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "RAY_TRAIN_ENABLE_PRINT_PATCH"):
-        os.environ.setdefault(key, "0")  # as `clinft run` sets them (study.start_ray)
+    ray_environment()  # as `clinft run` sets it
     times: dict[str, list[float]] = {"tune": [], "plain": []}
     rows: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as scratch:

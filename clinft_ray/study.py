@@ -285,11 +285,10 @@ def finished(study: Study, key: str) -> dict[str, Any] | None:
                          f"config or data (differing: {differ}); pass a new --out (or output_dir) to keep both")
 
 
-def start_ray(study: Study) -> TrialResources:
-    """Join (or start) Ray and return the per-trial resource request, checked against the cluster."""
-    import ray
-
-    cfg = study.config
+def ray_environment() -> None:
+    """The environment clinft-ray's driver gives Ray and Tune before it starts or joins Ray (what is
+    already set wins). `clinft run` sets it; a benchmark or a test session that starts its own Ray
+    calls it too."""
     # Tune warns when trials checkpoint often; scoring dev per eval interval is the design here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # A failed trial's traceback goes to its error.txt in the output directory, not to the console:
@@ -303,6 +302,14 @@ def start_ray(study: Study) -> TrialResources:
     # in `datasets`) into the worker logs, pages of bytecode per trial. On a cluster the job's
     # runtime environment (jobs/runtime_env.yaml) sets the same.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+def start_ray(study: Study) -> TrialResources:
+    """Join (or start) Ray and return the per-trial resource request, checked against the cluster."""
+    import ray
+
+    cfg = study.config
+    ray_environment()
     if ray.is_initialized():
         pass
     elif cfg.ray.address or os.environ.get("RAY_ADDRESS"):  # a cluster (a Ray job's driver gets RAY_ADDRESS)

@@ -1,4 +1,4 @@
-"""Runs on the driver: one stage's Ray Tune sweep, its candidates, selection and result.
+"""Runs on the driver: one stage's Ray Tune sweep and its result (the selection rule is `selection.py`).
 
 `run_stage` is the engine both stages go through: it opens the stage's MLflow run (or picks it up on a
 resume), mirrors every trial into MLflow (`tracking.TrialRuns`), runs the sweep with Tune and returns
@@ -15,7 +15,6 @@ the workers report with `ray.train.report`, rank 0 writes the checkpoint, and Ra
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from clinft_ray.config import Study, TaskConfig
 from clinft_ray.errors import StudyError
-from clinft_ray.modeling import checkpoint_ref, incomplete
+from clinft_ray.modeling import checkpoint_ref
 from clinft_ray.preflight import DRIVER_CPUS, TrialResources
-from clinft_ray.selection import Candidate, select_best
+from clinft_ray.selection import Candidate, candidates, select_best
 from clinft_ray.spaces import SearchSpace
 from clinft_ray.tracking import HOUR_UNITS, TRIAL_PARTS, Tracker, TrialRuns, error_kind
 from clinft_ray.trial import Reporter, TrainReporter, TuneReporter
@@ -129,41 +128,6 @@ def run_sweep(trainable: Any, *, name: str, space: SearchSpace, storage_path: st
         ),
     )
     return tuner.fit()
-
-
-def candidates(grid: Any, metric: str) -> list[Candidate]:
-    """Each trial's best dev (step) with its checkpoint, in search-space order; trials without a
-    checkpoint (failed before their first eval) are left out. A multi-worker trial's checkpoint is the
-    one its Train run reported with that row (`checkpoint_path`); a single-worker trial's is the one
-    Tune kept as its best."""
-    out = []
-    for result in grid:
-        df = result.metrics_dataframe
-        col = f"dev/{metric}"
-        if df is None or col not in df:
-            continue
-        path = None
-        # The trial's best row whose checkpoint is whole (one cut short by a kill is never loaded).
-        for _, best in df.dropna(subset=[col]).sort_values([col, "step"], ascending=[False, True]).iterrows():
-            step = int(best["step"])
-            path = best.get("checkpoint_path") if "checkpoint_path" in df else None
-            if isinstance(path, str):
-                if not os.path.isdir(path) or incomplete(path) is None:  # checked where it is a local folder
-                    break
-                path = None
-            kept = [c for c, m in (result.best_checkpoints or []) if int(m.get("step", -1)) == step
-                    and incomplete(c.path, c.filesystem) is None]
-            if kept:
-                path = kept[0].path
-                break
-        if path is None:
-            continue
-        trial = result.metrics["trial_id"]
-        # Ties go to the trial listed first in the search space: Tune's trial index, which stays the
-        # same when a sweep is restored (the order of the result grid does not).
-        out.append(Candidate(trial=trial, step=step, dev=float(best[col]), order=int(trial.rsplit("_", 1)[-1]),
-                             payload=result, checkpoint=path))
-    return out
 
 
 @dataclass(frozen=True)

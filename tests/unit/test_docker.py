@@ -23,10 +23,11 @@ from clinft_ray.cli import make_parser
 from clinft_ray.config import StudyConfig
 from clinft_ray.spaces import load_space
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCKERFILE = ROOT / "docker" / "Dockerfile"
-MANIFEST = ROOT / "docker" / "kuberay-rayjob.yaml"
-PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+from helpers import REPO
+
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+MANIFEST = REPO / "docker" / "kuberay-rayjob.yaml"
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 IMAGE = f"clinft-ray:{PYPROJECT['project']['version']}"
 # rayproject/ray:<x.y.z>-py<3NN>-cu<NNN>: an exact Ray release, Python and CUDA; no "latest", no "-gpu" alias.
 BASE_TAG = re.compile(r"^rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<py>3\d+)-(?P<cuda>cu\d+)$")
@@ -103,14 +104,14 @@ def test_torch_and_mlflow_are_pinned_to_the_tested_versions_and_the_base_cuda(do
 
 
 def test_every_copy_source_exists_and_is_not_dockerignored(dockerfile):
-    ignored = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+    ignored = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines()
                if p.strip() and not p.startswith("#")]
     copies = [shlex.split(rest) for word, rest in dockerfile["instrs"] if word in ("COPY", "ADD")]
     assert copies, "the Dockerfile copies nothing"
     for parts in copies:
         sources = [p for p in parts if not p.startswith("--")][:-1]
         for src in sources:
-            assert (ROOT / src).exists(), f"COPY {src}: no such path in the repository"
+            assert (REPO / src).exists(), f"COPY {src}: no such path in the repository"
             rel = src.rstrip("/")
             assert not any(fnmatch.fnmatch(rel, pat) for pat in ignored), f"COPY {src} is excluded by .dockerignore"
 
@@ -129,7 +130,7 @@ def test_image_installs_the_package_as_the_non_root_ray_user_and_smoke_tests_the
 
 
 def test_dockerignore_keeps_out_git_outputs_caches_and_venvs():
-    patterns = set((ROOT / ".dockerignore").read_text().split())
+    patterns = set((REPO / ".dockerignore").read_text().split())
     for needed in (".git", "**/__pycache__", ".pytest_cache", ".venv", "clinft-demo", "mlruns", "*.db", ".env"):
         assert needed in patterns, f".dockerignore lacks {needed}"
 
@@ -195,7 +196,7 @@ def in_image(path: str, dockerfile: dict) -> Path:
     """A path under the image's WORKDIR, as the file in this repository it was copied from."""
     workdir = dockerfile["workdir"].rstrip("/") + "/"
     assert path.startswith(workdir), f"{path} is not under the image's WORKDIR {workdir}"
-    return ROOT / path[len(workdir):]
+    return REPO / path[len(workdir):]
 
 
 def test_manifest_parses_and_has_every_kind(docs):
@@ -208,7 +209,7 @@ def test_rayjob_entrypoint_runs_the_repos_job_script_with_clinft_run_arguments(d
     words = entrypoint(docs)
     assert words[0] == "python", f"entrypoint {words}"
     script = in_image(words[1], dockerfile)
-    assert script.is_file(), f"the RayJob runs {words[1]} but the repository has no {script.relative_to(ROOT)}"
+    assert script.is_file(), f"the RayJob runs {words[1]} but the repository has no {script.relative_to(REPO)}"
     args = make_parser().parse_args(["run", *words[2:]])
     assert args.out and args.out.startswith(shared_mount(docs) + "/"), f"--out {args.out} is not on the shared volume"
 

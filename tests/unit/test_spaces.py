@@ -11,17 +11,18 @@ import yaml
 from clinft_ray.config import StudyConfig
 from clinft_ray.spaces import load_space
 
-ROOT = Path(__file__).resolve().parents[1]
-STUDIES = sorted((ROOT / "examples").rglob("*.yaml")) + sorted((ROOT / "clinft_ray" / "demo").glob("study*.yaml"))
+from helpers import REPO
+
+STUDIES = sorted((REPO / "examples").rglob("*.yaml")) + sorted((REPO / "clinft_ray" / "demo").glob("study*.yaml"))
 
 
-@pytest.mark.parametrize("path", STUDIES, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: str(p.relative_to(REPO)))
 def test_shipped_study_validates(path):
     text = path.read_text()
     assert text.startswith("#"), "a shipped config starts with a comment showing the command that uses it"
     cfg = StudyConfig.model_validate(yaml.safe_load(text))
     if path.parent.name == "demo":
-        spaces = {s: ROOT / "tune_spaces" / Path(getattr(cfg, s).space).name for s in ("sft", "dpo")}
+        spaces = {s: REPO / "tune_spaces" / Path(getattr(cfg, s).space).name for s in ("sft", "dpo")}
     else:
         spaces = {s: (path.parent / getattr(cfg, s).space).resolve() for s in ("sft", "dpo")}
     assert load_space(spaces["sft"], "sft").num_trials() >= 1

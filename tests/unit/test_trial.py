@@ -1,41 +1,14 @@
-"""Picking the best (trial, step) on dev: max dev, then fewer steps, then search-space order."""
+"""What runs inside a trial's worker (`clinft_ray.trial`): DevReport's dev plateau and kept-checkpoint
+marks against hand-worked eval sequences, and the newest whole checkpoint a retried trial goes on from."""
 
-import pytest
+from __future__ import annotations
 
-from clinft_ray.selection import Candidate, select_best
+from ray.tune import Checkpoint
 
+from clinft_ray.modeling import MANIFEST, read_manifest
+from clinft_ray.trial import newest_whole
 
-def test_best_dev_wins_regardless_of_steps_and_order():
-    cands = [
-        Candidate("t0", step=10, dev=0.70, order=0),
-        Candidate("t1", step=900, dev=0.82, order=1),
-        Candidate("t2", step=50, dev=0.81, order=2),
-    ]
-    assert select_best(cands).trial == "t1"
-
-
-def test_tie_breaks_to_fewer_steps():
-    cands = [Candidate("t0", step=200, dev=0.8, order=0), Candidate("t1", step=50, dev=0.8, order=1)]
-    assert select_best(cands) == cands[1]
-
-
-def test_tie_on_dev_and_steps_breaks_to_lower_order():
-    cands = [
-        Candidate("t2", step=50, dev=0.8, order=2),
-        Candidate("t1", step=50, dev=0.8, order=1),
-        Candidate("t3", step=50, dev=0.8, order=3),
-    ]
-    assert select_best(cands).trial == "t1"
-
-
-def test_payload_comes_back_with_the_winner():
-    marker = object()
-    assert select_best([Candidate("t0", 10, 0.5, 0, payload=marker)]).payload is marker
-
-
-def test_empty_list_raises():
-    with pytest.raises(ValueError, match="no trial reported a dev score"):
-        select_best([])
+from helpers import whole_checkpoint
 
 
 class _Rows:
@@ -86,3 +59,21 @@ def test_a_trial_stops_at_its_dev_plateau_after_patience_evals():
     assert _evals([0.67, 0.0, 0.67, 1.0], patience=None)[1] is None  # no patience: every eval
     # a resumed trial keeps its count: one eval without improvement before the interruption
     assert _evals([0.5], patience=2, best=(0.67, 1))[1] == 1
+
+
+def test_the_newest_whole_checkpoint_beside_a_broken_one_is_used(tmp_path):
+    trial = tmp_path / "trial"
+    whole_checkpoint(trial / "checkpoint_000000", 10)
+    whole_checkpoint(trial / "checkpoint_000001", 20)
+    latest = whole_checkpoint(trial / "checkpoint_000002", 30)
+    (trial / "checkpoint_000003").mkdir()  # a later copy that never got its manifest
+    assert newest_whole(Checkpoint.from_directory(str(latest))).path == str(latest)
+
+    (latest / "adapter_model.safetensors").write_bytes(b"w" * 10)
+    found = newest_whole(Checkpoint.from_directory(str(latest)))
+    assert found.path == str(trial / "checkpoint_000001") and read_manifest(trial / "checkpoint_000001")["step"] == 20
+
+    for name in ("checkpoint_000000", "checkpoint_000001"):
+        (trial / name / MANIFEST).unlink()
+    assert newest_whole(Checkpoint.from_directory(str(latest))) is None  # nothing whole: the trial starts over
+    assert newest_whole(None) is None

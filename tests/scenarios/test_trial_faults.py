@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from clinft_ray.config import load_study
 from clinft_ray.modeling import MANIFEST, incomplete
 from clinft_ray.study import run_study
+
+from helpers import small_study
 
 pytestmark = pytest.mark.slow
 
@@ -48,10 +49,7 @@ def _kill_trial_once(storage: Path, deadline: float) -> list[int]:
 
 
 def test_trial_retried_from_checkpoint_and_nan_trial_stopped(demo_dir, ray_session, tmp_path):
-    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(SFT))
-    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(DPO))
-    study = load_study(demo_dir / "study.yaml", [f"sft.space={tmp_path / 'sft.yaml'}",
-                                                 f"dpo.space={tmp_path / 'dpo.yaml'}", "trial_retries=1"],
+    study = load_study(small_study(demo_dir, tmp_path, sft=SFT, dpo=DPO, sets=("trial_retries=1",)),
                        output_dir=str(tmp_path / "out"))
     killed: list[int] = []  # the step of the checkpoint the kill broke
     killer = threading.Thread(target=lambda: killed.extend(_kill_trial_once(tmp_path / "out" / "ray",

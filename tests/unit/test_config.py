@@ -9,7 +9,8 @@ import yaml
 from clinft_ray.config import ConfigError, load_study
 from clinft_ray.spaces import load_space
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 SPACES = REPO / "tune_spaces"
 ROW = '{"id": "1", "prompt": "p", "chosen": "UTI", "rejected": "pyuria"}\n'
 
@@ -339,3 +340,10 @@ def test_search_space_values_outside_their_meaning(tmp_path, stage, line, messag
     base = SPACE.format(stage=stage) + ("beta: 0.1\n" if stage == "dpo" and not line.startswith("beta") else "")
     lines = space_problems(tmp_path, base + line + "\n", stage)
     assert len(lines) == 1 and lines[0].startswith(message), lines
+
+
+def test_storage_path_defaults_to_the_output_folder_and_resolves_like_a_path(demo_dir, tmp_path):
+    assert load_study(demo_dir / "study.yaml").config.storage_path == str(demo_dir / "ray")
+    shared = load_study(demo_dir / "study.yaml", ["storage_path=shared/ray"]).config.storage_path
+    assert shared == str(demo_dir / "shared" / "ray")
+    assert load_study(demo_dir / "study.yaml", ["storage_path=s3://bucket/x"]).config.storage_path == "s3://bucket/x"

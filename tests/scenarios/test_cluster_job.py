@@ -20,14 +20,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO, SMALL_ROWS, free_port, trimmed
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +32,14 @@ def cluster():
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    dashboard = _free_port()
+    dashboard = free_port()
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}", "--disable-usage-stats",
          # Ray's fixed default ports (the job agent's 52365, ...) are taken while the test session's
          # local Ray runs: the head's job agent would fail to bind and no job could be submitted.
-         *(f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+         *(f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                    "metrics-export-port", "runtime-env-agent-port",
                                                    "ray-client-server-port"))],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -73,26 +68,28 @@ def cluster():
 
 
 def _ray(args: list[str], env: dict[str, str], check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], env=env, cwd=ROOT, text=True,
+    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], env=env, cwd=REPO, text=True,
                           capture_output=True, check=check, timeout=timeout)
 
 
 # The smallest demo that still shows the point (a job trains SFT then DPO and a resubmission trains
-# nothing): 2 SFT trials and 1 DPO trial instead of the demo's 4 + 12.
-SMALL_SFT = "stage: sft\nlearning_rate: {grid: [1.0e-2, 1.0e-3]}\nmax_steps: 60\neval_steps: 20\nbatch_size: 8\n"
+# nothing): 2 SFT trials and 1 DPO trial instead of the demo's 4 + 12, on trimmed splits.
+SMALL_SFT = "stage: sft\nlearning_rate: {grid: [1.0e-2, 1.0e-3]}\nmax_steps: 20\neval_steps: 10\nbatch_size: 8\n"
 SMALL_DPO = "stage: dpo\nlearning_rate: {grid: [1.0e-3]}\nbeta: {grid: [0.1]}\nmax_steps: 10\neval_steps: 5\nbatch_size: 8\n"
 
 
-def _submit(address: str, env: dict[str, str], out: Path, submission_id: str) -> bool:
-    """`ray job submit` as the README gives it for the demo (with the small spaces above), waiting for the
-    end; True if the job succeeded."""
+def _submit(address: str, env: dict[str, str], out: Path, submission_id: str, demo_dir: Path) -> bool:
+    """`ray job submit` as the README gives it for the demo (with the small spaces above and the demo's
+    splits trimmed), waiting for the end; True if the job succeeded."""
     spaces = out.parent / "spaces"
     spaces.mkdir(exist_ok=True)
     (spaces / "sft.yaml").write_text(SMALL_SFT)
     (spaces / "dpo.yaml").write_text(SMALL_DPO)
+    splits = trimmed(demo_dir / "data" / "classification", out.parent / "splits", SMALL_ROWS)
     submitted = _ray(["job", "submit", "--address", address, "--submission-id", submission_id, "--working-dir", ".",
                       "--runtime-env", "jobs/runtime_env.yaml", "--", "python", "jobs/study.py", "demo", "--out",
-                      str(out), "--set", f"sft.space={spaces / 'sft.yaml'}", "--set", f"dpo.space={spaces / 'dpo.yaml'}"],
+                      str(out), "--set", f"sft.space={spaces / 'sft.yaml'}", "--set", f"dpo.space={spaces / 'dpo.yaml'}",
+                      *(a for split, path in splits.items() for a in ("--set", f"tasks.0.splits.{split}={path}"))],
                      env, check=False, timeout=1200)
     status = _ray(["job", "status", "--address", address, submission_id], env, check=False)
     assert status.returncode == 0, f"ray job submit was refused: {submitted.stderr[-1500:]}"
@@ -115,12 +112,12 @@ def test_job_without_the_token_is_refused(cluster):
     assert denied.returncode != 0
 
 
-def test_demo_study_as_a_ray_job_and_resubmitted(cluster, tmp_path):
+def test_demo_study_as_a_ray_job_and_resubmitted(cluster, tmp_path, demo_dir):
     from mlflow.tracking import MlflowClient
 
     address, env = cluster
     out = tmp_path / "demo"
-    assert _submit(address, env, out, "clinft-demo-1")
+    assert _submit(address, env, out, "clinft-demo-1", demo_dir)
 
     results = json.loads((out / "results.json").read_text())
     stages = results["tasks"]["uti"]["stages"]
@@ -141,7 +138,7 @@ def test_demo_study_as_a_ray_job_and_resubmitted(cluster, tmp_path):
     assert "results:" in logs and not any("Traceback" in line for line in driver_lines)
 
     # The same study again: nothing trains, nothing new in MLflow, the results stay as they were.
-    assert _submit(address, env, out, "clinft-demo-2")
+    assert _submit(address, env, out, "clinft-demo-2", demo_dir)
     again = _ray(["job", "logs", "--address", address, "clinft-demo-2"], env).stdout
     assert "already finished" in again
     assert len(client.search_runs([experiment.experiment_id], max_results=1000)) == len(runs)

@@ -1,5 +1,6 @@
 """The study's statistics from outcome rows alone (what `clinft report` redoes): m and the footnote,
-Holm's families, bootstrap F1 against scikit-learn, clinical metrics, costs at new prices, no NaN."""
+Holm's families, bootstrap F1 against scikit-learn, clinical metrics, costs at new prices, no NaN; the
+paired test each kind of outcome gets, and the DPO/SFT cost ratios against hand-worked values."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import json
 import pytest
 from sklearn.metrics import f1_score
 
-from clinft_ray.analysis import study_statistics
-from clinft_ray.config import StudyConfig
+from clinft_ray.analysis import compare, study_statistics, task_costs
+from clinft_ray.config import ReasoningTask, StudyConfig, SummarizationTask, TriageTask
 from clinft_ray.outputs import dotted_diff, report_config, stored_config
 
 GOLD = ["UTI"] * 5 + ["pyuria"] * 5
@@ -118,3 +119,52 @@ def test_report_config_takes_stats_and_prices_and_names_what_else_would_change()
         report_config(stored, ["stats.bootstrap_resamples=5"], "r")
     with pytest.raises(ConfigError, match="stats.correctoin: unknown key; did you mean 'correction'"):
         report_config(stored, ["stats.correctoin=holm"], "r")
+
+
+def test_task_costs_ratio_from_gpu_hours_else_cpu_hours():
+    """SFT 2 GPU-h, DPO 5 GPU-h: ratio 5 / 2 = 2.5 on GPU-hours; with no GPU, CPU-hours 4 and 10: 2.5."""
+    def stage(g, c):
+        return {"gpu_hours": g, "cpu_hours": c, "cost_usd": 0.0}
+
+    gpu = task_costs({"base": stage(0.1, 0.4), "sft": stage(2.0, 8.0), "dpo": stage(5.0, 20.0)})
+    assert gpu["dpo_sft_cost_ratio"] == pytest.approx(2.5) and gpu["cost_basis"] == "gpu_hours"
+    assert gpu["gpu_hours"] == pytest.approx(7.1)
+    cpu = task_costs({"base": stage(0, 1.0), "sft": stage(0, 4.0), "dpo": stage(0, 10.0)})
+    assert cpu["dpo_sft_cost_ratio"] == pytest.approx(2.5) and cpu["cost_basis"] == "cpu_hours"
+
+
+def test_stage_hours_split_by_what_they_paid_for_and_the_two_ratios():
+    """SFT: training 2 GPU-h + dev scoring 0.5 + test scoring 0.5 = 3; DPO: training 5 + dev 1.5 +
+    reference 1 + test 0.5 = 8. Everything: 8 / 3 = 2.667; training alone: 5 / 2 = 2.5. At $3 per
+    GPU-hour DPO costs 8 x 3 = $24."""
+    from clinft_ray.study import hours_split
+
+    def h(g):
+        return {"gpu_hours": g, "cpu_hours": 4 * g, "cost_usd": 3 * g}
+
+    sft = hours_split({"train": h(2.0), "dev_eval": h(0.5), "reference": {}, "test_eval": h(0.5)})
+    dpo = hours_split({"train": h(5.0), "dev_eval": h(1.5), "reference": h(1.0), "test_eval": h(0.5)})
+    assert set(sft["hours_by"]) == {"train", "dev_eval", "test_eval"}  # SFT has no reference pass
+    assert dpo["gpu_hours"] == pytest.approx(8.0) and dpo["cpu_hours"] == pytest.approx(32.0)
+    assert dpo["cost_usd"] == pytest.approx(24.0)
+    costs = task_costs({"base": hours_split({"test_eval": h(0.5)}), "sft": sft, "dpo": dpo})
+    assert costs["dpo_sft_cost_ratio"] == pytest.approx(8 / 3)
+    assert costs["dpo_sft_train_cost_ratio"] == pytest.approx(2.5)
+    assert costs["gpu_hours"] == pytest.approx(0.5 + 3.0 + 8.0)
+
+
+SPLITS = {s: f"{s}.jsonl" for s in ("train", "eval", "dev", "test")}
+TRIAGE = TriageTask(name="t", kind="triage", splits=SPLITS)
+
+
+def test_outcomes_per_kind_and_their_tests():
+    assert TRIAGE.outcome_metrics == {"correct_urgency": "f1_urgency", "correct_responder": "f1_responder"}
+    summ = SummarizationTask(name="s", kind="summarization", splits=SPLITS)
+    scores = {"base": [3.0, 4.0, 2.0], "sft": [4.0, 4.0, 3.0], "dpo": [5.0, 4.0, 4.0]}
+    comps = compare(summ, summ.outcome_metrics, {s: {"score": v} for s, v in scores.items()}, 1000, 0)
+    assert [c["test"] for c in comps] == ["paired_t"] * 3
+    # base vs sft: differences -1, 0, -1: mean -2/3, sd 1/sqrt(3), t = (-2/3) / ((1/sqrt(3))/sqrt(3)) = -2
+    assert comps[0]["statistic"] == pytest.approx(-2.0)
+    binary = {s: {"correct": [s != "base", True]} for s in ("base", "sft", "dpo")}
+    reasoning = ReasoningTask(name="r", kind="reasoning", splits=SPLITS)
+    assert {c["test"] for c in compare(reasoning, {"correct": "accuracy"}, binary, 1000, 0)} == {"mcnemar_exact"}

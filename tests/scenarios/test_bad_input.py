@@ -7,12 +7,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import clinft_in_process, copy_demo, free_port
 
 CANARY = "CANARY-PHI-8113"
 
@@ -21,12 +22,6 @@ def _snapshot(folder: Path) -> dict[str, str]:
     """Every file of an output folder (results, MLflow store, checkpoints, Tune state) by content."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).parts[0] != "bad"}
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _broken_jsonl(folder: Path) -> Path:
@@ -64,18 +59,8 @@ CASES = {
     "bad search space": (lambda d: ["--set", f"sft.space={_bad_space(d)}"], "sft.space"),
     "another study in the folder": (lambda d: ["--set", "seed=7"], "holds the finished study 'uti-demo'"),
     "tracking server down": (lambda d: ["--set", "seed=8", "--out", str(d / "bad" / "fresh"), "--set",
-                                        f"mlflow.tracking_uri=http://127.0.0.1:{_closed_port()}"], "does not answer"),
+                                        f"mlflow.tracking_uri=http://127.0.0.1:{free_port()}"], "does not answer"),
 }
-
-
-def _in_process(capsys, *args: str) -> tuple[int, list[str], str]:  # noqa: ANN001
-    """`clinft ARGS` in this process: (exit code, its `clinft: error:` lines, all it printed)."""
-    from clinft_ray.cli import main
-
-    code = main(list(args))
-    printed = capsys.readouterr()
-    text = printed.out + printed.err
-    return code, [line for line in text.splitlines() if line.startswith("clinft: error:")], text
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -88,7 +73,7 @@ def test_bad_input_is_one_line_exit_2_and_damages_nothing(case, demo_run, capsys
     args, expected = CASES[case]
     extra = args(folder)
     before = _snapshot(folder)
-    code, errors, text = _in_process(capsys, "run", str(folder / "study.yaml"), *extra)
+    code, errors, text = clinft_in_process(capsys, "run", str(folder / "study.yaml"), *extra)
     assert code == 2, text[-2000:]
     assert errors and any(expected in line for line in errors), text[-2000:]
     assert "Traceback" not in text and CANARY not in text
@@ -122,12 +107,8 @@ def _tree(folder: Path) -> dict[str, tuple[str, int]]:
 @pytest.fixture(scope="module")
 def study(demo_dir, tmp_path_factory) -> Path:
     """A copy of the demo's study (data, tiny model, spaces) with an earlier run's outputs in `earlier/`."""
-    import shutil
-
-    outputs = {"ray", "mlflow.db", "mlartifacts", "results.json", "outcomes.jsonl", "report.md", "report.html",
-               "figures", "progress.json", "bad"}
     root = tmp_path_factory.mktemp("badin") / "study"
-    shutil.copytree(demo_dir, root, ignore=lambda _, names: [n for n in names if n in outputs])
+    copy_demo(demo_dir, root)
     (root / "bad").mkdir()
     (root / "earlier").mkdir()
     _outputs_of_an_earlier_run(root / "earlier")
@@ -235,7 +216,7 @@ def test_wrong_input_is_one_line_exit_2_and_changes_no_earlier_output(study, cap
     make, expected = BAD[case]
     extra = make(study)
     before = _tree(study / "earlier")
-    code, errors, text = _in_process(capsys, command, str(study / "study.yaml"), "--out", str(study / "earlier"),
+    code, errors, text = clinft_in_process(capsys, command, str(study / "study.yaml"), "--out", str(study / "earlier"),
                                      *extra)
     assert code == 2, text
     assert len(errors) == 1 and expected in errors[0], text
@@ -275,7 +256,7 @@ def test_unusable_locations_are_reported_before_ray_starts(study, capsys, monkey
     if "--out" not in extra:
         extra += ["--out", str(study / "bad" / "fresh")]
     before = _tree(study)
-    code, errors, text = _in_process(capsys, command, str(study / "study.yaml"), *extra)
+    code, errors, text = clinft_in_process(capsys, command, str(study / "study.yaml"), *extra)
     assert code == 2, text
     assert errors == [f"clinft: error: {expected.format(d=study)}"] or expected.format(d=study) in errors[0], text
     assert len(errors) == 1 and not started
@@ -288,7 +269,7 @@ def test_an_output_folder_this_user_cannot_write(study, capsys, tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        code, errors, _ = _in_process(capsys, "validate", str(study / "study.yaml"), "--out", str(locked / "out"))
+        code, errors, _ = clinft_in_process(capsys, "validate", str(study / "study.yaml"), "--out", str(locked / "out"))
     finally:
         locked.chmod(0o700)
     assert code == 2 and errors == [f"clinft: error: output_dir {locked / 'out'} cannot be created: {locked} is not "
@@ -296,12 +277,12 @@ def test_an_output_folder_this_user_cannot_write(study, capsys, tmp_path):
 
 
 def test_validate_says_it_did_not_try_the_services_and_tries_them_when_asked(study, capsys):
-    url = f"http://127.0.0.1:{_closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     sets = ["--set", f"mlflow.tracking_uri={url}", "--out", str(study / "bad" / "fresh")]
-    code, errors, text = _in_process(capsys, "validate", str(study / "study.yaml"), *sets)
+    code, errors, text = clinft_in_process(capsys, "validate", str(study / "study.yaml"), *sets)
     assert code == 0, text
     assert f"mlflow.tracking_uri {url}: not checked; pass --check-services to check that it answers" in text
-    code, errors, text = _in_process(capsys, "validate", str(study / "study.yaml"), *sets, "--check-services")
+    code, errors, text = clinft_in_process(capsys, "validate", str(study / "study.yaml"), *sets, "--check-services")
     assert code == 2 and len(errors) == 1 and f"mlflow.tracking_uri {url} does not answer" in errors[0], text
     assert not (study / "bad" / "fresh").exists()
 
@@ -310,14 +291,14 @@ def test_validate_checks_the_judge_when_asked(study, capsys):
     from clinft_ray.demo import judge_server
 
     config, out = yaml_study(study), ["--out", str(study / "bad" / "fresh")]
-    code, errors, text = _in_process(capsys, "validate", str(config), *out)
+    code, errors, text = clinft_in_process(capsys, "validate", str(config), *out)
     assert code == 0 and "judge.base_url http://127.0.0.1:" in text and "not checked; pass --check-services" in text
-    code, errors, text = _in_process(capsys, "validate", str(config), *out, "--check-services")
+    code, errors, text = clinft_in_process(capsys, "validate", str(config), *out, "--check-services")
     assert code == 2 and len(errors) == 1 and "judge.base_url http://127.0.0.1:" in errors[0], text
     assert "does not answer a chat completion for judge.model 'm'" in errors[0]
     server, url = judge_server.start()
     try:
-        code, _, text = _in_process(capsys, "validate", str(config), *out, "--check-services", "--set",
+        code, _, text = clinft_in_process(capsys, "validate", str(config), *out, "--check-services", "--set",
                                     f"judge.base_url={url}")
     finally:
         server.shutdown()
@@ -331,7 +312,7 @@ def yaml_study(root: Path) -> Path:
     cfg = yaml.safe_load((root / "study.yaml").read_text())
     task = cfg["tasks"][0]
     cfg["tasks"][0] = {"name": task["name"], "kind": "reasoning", "grading": "judge", "splits": task["splits"]}
-    cfg["judge"] = {"base_url": f"http://127.0.0.1:{_closed_port()}/v1", "model": "m"}
+    cfg["judge"] = {"base_url": f"http://127.0.0.1:{free_port()}/v1", "model": "m"}
     path = root / "judged.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -351,7 +332,7 @@ def test_unusual_exports_are_read(study, capsys, caplog):
     test = study / "bad" / "test-bom.jsonl"
     test.write_bytes(b"\xef\xbb\xbf" + (study / "data" / "classification" / "test.jsonl").read_bytes())
     with caplog.at_level("INFO", logger="clinft"):
-        code, _, text = _in_process(capsys, "validate", str(study / "study.yaml"), "--out", str(study / "o"),
+        code, _, text = clinft_in_process(capsys, "validate", str(study / "study.yaml"), "--out", str(study / "o"),
                                     "--set", f"tasks.uti.splits.dev={path}", "--set", f"tasks.uti.splits.test={test}")
     assert code == 0, text
     assert "uti: train 300 rows, eval 200 rows, dev 100 rows, test 200 rows" in text

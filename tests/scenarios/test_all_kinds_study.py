@@ -12,11 +12,16 @@ from clinft_ray.config import load_study
 from clinft_ray.demo import judge_server, prepare_demo
 from clinft_ray.study import run_study
 
+from helpers import trimmed
+
 pytestmark = pytest.mark.slow
 
 SFT = {"stage": "sft", "learning_rate": {"grid": [1.0e-3]}, "max_steps": 10, "eval_steps": 5, "batch_size": 8}
 DPO = {"stage": "dpo", "learning_rate": {"grid": [1.0e-3]}, "beta": {"grid": [0.1]}, "max_steps": 4,
        "eval_steps": 2, "batch_size": 8}
+# Each task's splits trimmed: every kind is scored by its own metric and test at every stage, on enough
+# test rows for its paired test (the generation tasks, scored by generating, cost most per row).
+ROWS = {"train": 80, "eval": 16, "dev": 16, "test": 30}
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +30,15 @@ def all_kinds(tmp_path_factory, ray_session):
     config = prepare_demo(out, tasks="all")
     (out / "sft.yaml").write_text(yaml.safe_dump(SFT))
     (out / "dpo.yaml").write_text(yaml.safe_dump(DPO))
+    trims = []
+    for i, task in enumerate(yaml.safe_load(config.read_text())["tasks"]):
+        source = (config.parent / task["splits"]["test"]).parent
+        for split, path in trimmed(source, out / "small" / task["name"], ROWS).items():
+            trims.append(f"tasks.{i}.splits.{split}={path}")
     server, url = judge_server.start()
     try:
         served = judge_server._Handler.requests_served
-        study = load_study(config, [f"judge.base_url={url}", "sft.space=sft.yaml", "dpo.space=dpo.yaml"])
+        study = load_study(config, [f"judge.base_url={url}", "sft.space=sft.yaml", "dpo.space=dpo.yaml", *trims])
         results = run_study(study)
         return out, results, judge_server._Handler.requests_served - served
     finally:

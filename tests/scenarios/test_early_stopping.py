@@ -7,15 +7,17 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from clinft_ray.config import load_study
 from clinft_ray.modeling import read_manifest
 from clinft_ray.preflight import trial_resources
+from clinft_ray.selection import candidates
 from clinft_ray.sft import sft_train
-from clinft_ray.sweep import candidates, run_sweep, summarize, trainable
+from clinft_ray.sweep import run_sweep, summarize, trainable
 from clinft_ray.tracking import Tracker, TrialRuns
+
+from helpers import small_study
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +32,9 @@ SFT = {"stage": "sft", "learning_rate": {"grid": [1.0e-2, 1.0e-5, 1.0e-6, 1.0e-7
 def test_asha_stops_trailing_trials_and_selection_still_sees_them(demo_dir, ray_session, tmp_path):
     import ray
 
-    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(SFT))
     # Two CPUs per trial on the 2-CPU test Ray: trials run one at a time in grid order, so which of
     # them reach a rung first (and so what ASHA stops) does not depend on timing.
-    study = load_study(demo_dir / "study.yaml", [f"sft.space={tmp_path / 'sft.yaml'}", "resources.cpus_per_trial=2"],
+    study = load_study(small_study(demo_dir, tmp_path, sft=SFT, sets=("resources.cpus_per_trial=2",)),
                        output_dir=str(tmp_path / "out"))
     cfg, task = study.config, study.config.tasks[0]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

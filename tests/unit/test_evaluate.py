@@ -1,5 +1,5 @@
 """Scoring scores what training trained, on the paper's real tokenizers (Mistral-7B-Instruct-v0.2,
-Llama-3-8B-Instruct; `tests/real_tokenizers.py`) and the demo's own.
+Llama-3-8B-Instruct; `tests/helpers/real_tokenizers.py`) and the demo's own.
 
 For rows of every task kind, the answer ids that loglik scoring sums over are the completion ids
 TRL's `SFTTrainer` trains on (its `labels`) and the chosen / rejected ids of `DPOTrainer`, end-of-turn
@@ -256,3 +256,23 @@ def test_generation_starts_from_the_training_prompt_and_stops_at_max_length(mode
     short = len(prompt_ids(tok, examples[1].prompt)) + 2
     capped = generate(model, tok, examples[1:], max_new_tokens=6, max_length=short)[0]
     assert len(tok(capped, add_special_tokens=False)["input_ids"]) <= 2
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama3"])
+def test_generated_answers_are_scored_on_every_template(models, rows, family):
+    """Multiple-choice reasoning scored by `generate` on each real chat template (Mistral's refuses a
+    system role and demands alternating turns; Llama 3's has headers and <|eot_id|>): every answer is
+    accounted for, parsed to an option letter or to nothing, and the outcomes carry letters, not text."""
+    from clinft_ray.evaluate import score_split
+
+    tok = tokenizer_of(models, family)
+    model = load_base(ModelConfig(name_or_path=str(models[family]), dtype="float32"))
+    task = ReasoningTask(name="mcq", kind="reasoning", grading="match", max_new_tokens=8, splits=SPLITS)
+    examples = rows["reasoning"]
+    scored = score_split(model, tok, task, examples, MAX_LENGTH)
+    assert scored.ids == [e.id for e in examples] and len(scored.answers) == len(examples)
+    assert 0.0 <= scored.metrics["accuracy"] <= 1.0 and 0 <= scored.metrics["unparsed"] <= len(examples)
+    preds = scored.outcomes["pred"]
+    assert len(preds) == len(examples) and all(p in (None, "A", "B", "C", "D", "E") for p in preds)
+    assert scored.metrics["unparsed"] == preds.count(None)
+    assert scored.outcomes["correct"] == [p == g for p, g in zip(preds, scored.outcomes["gold"], strict=True)]

@@ -1,19 +1,18 @@
-"""Task kinds against hand-worked values: triage parsing and per-set F1, option letters, normalized
-match, ROUGE-L, gold-answer checks, and which paired test each kind of outcome gets."""
-
-from __future__ import annotations
+"""Parsing free-text answers as a clinician reads them (tables of real-looking answers) and scoring them
+against hand-worked counts, per task kind: labels and F1 / accuracy for classification, triage parsing
+and per-set F1, option letters, normalized match, ROUGE-L, and gold-answer checks."""
 
 import pytest
 
-from clinft_ray.analysis import compare
-from clinft_ray.config import ReasoningTask, SummarizationTask, TriageTask
+from clinft_ray.config import ClassificationTask, ReasoningTask, TriageTask
 from clinft_ray.data import Example
-from clinft_ray.evaluate import Scored
 from clinft_ray.tasks import (
     NO_LABEL,
     answer_matches,
+    classification_metrics,
     gold_check,
     option_letter,
+    parse_label,
     parse_triage,
     reasoning_scores,
     rouge_l,
@@ -21,7 +20,165 @@ from clinft_ray.tasks import (
     triage_scores,
 )
 
-SPLITS = {s: f"{s}.jsonl" for s in ("train", "eval", "dev", "test")}
+SPLITS = {s: f"data/{s}.jsonl" for s in ("train", "eval", "dev", "test")}
+URGENCY = ["urgent", "non-urgent"]
+
+
+def task(labels: list[str], positive_label: str | None = None) -> ClassificationTask:
+    return ClassificationTask(name="t", kind="classification", labels=labels, positive_label=positive_label, splits=SPLITS)
+
+
+# Each answer with the reading a clinician gives it, for the paper's UTI task (UTI = pyuria AND lower
+# urinary tract symptoms; "pyuria" = pyuria only). The two labels are exhaustive, so a negated UTI
+# reads as pyuria only; two labels said without negation read as no answer.
+UTI_ANSWERS = [
+    ("UTI", "UTI"),
+    ("uti.", "UTI"),  # case and punctuation
+    ("  UTI!!  ", "UTI"),
+    ("Diagnosis: UTI", "UTI"),
+    ("UTI - dysuria plus pyuria on urinalysis", "UTI"),  # the answer leads; the explanation names the finding
+    ("Likely UTI; pyuria is also present", "UTI"),
+    ("The patient has pyuria and dysuria, consistent with a UTI.", "UTI"),  # pyuria as a finding, UTI concluded
+    ("Pyuria with dysuria and frequency indicates a UTI.", "UTI"),
+    ("Findings are most consistent with UTI rather than pyuria alone.", "UTI"),
+    ("Cannot rule out a UTI.", "UTI"),  # a hedge that leans towards UTI
+    ("No UTI", "pyuria"),
+    ("Not a UTI.", "pyuria"),
+    ("I don't think this is a UTI", "pyuria"),
+    ("Doesn't meet criteria for a UTI.", "pyuria"),
+    ("Negative for UTI", "pyuria"),
+    ("UTI is unlikely.", "pyuria"),
+    ("UTI ruled out, asymptomatic pyuria", "pyuria"),
+    ("UTI? No.", "pyuria"),
+    ("UTI? No - pyuria only.", "pyuria"),
+    ("Pyuria without UTI", "pyuria"),
+    ("Pyuria, not UTI: the culture was negative.", "pyuria"),
+    ("Pyuria only. A UTI would need dysuria or frequency, which she denies.", "pyuria"),
+    ("Pyuria (no urinary symptoms)", "pyuria"),
+    ("Asymptomatic pyuria; no evidence of UTI.", "pyuria"),
+    ("The answer is pyuria because there are no urinary symptoms.", "pyuria"),
+    ("Possible UTI, but more likely pyuria only", "pyuria"),
+    ("UTI or pyuria", NO_LABEL),  # two labels, neither negated: ambiguous, not the first one
+    ("Could be a UTI or just pyuria.", NO_LABEL),
+    ("Neither UTI nor pyuria", NO_LABEL),
+    ("UTIs", NO_LABEL),  # a label must be a whole word
+    ("I cannot tell", NO_LABEL),
+    ("", NO_LABEL),
+]
+
+
+@pytest.mark.parametrize("answer, expected", UTI_ANSWERS)
+def test_parse_label_uti(answer, expected):
+    assert parse_label(answer, ["UTI", "pyuria"]) == expected
+    assert parse_label(answer, ["pyuria", "UTI"]) == expected  # label order does not matter
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("Non-urgent.", "non-urgent"),  # longest label first: not read as "urgent"
+        ("non urgent", "non-urgent"),
+        ("nonurgent", "non-urgent"),
+        ("The case is non-urgent since vitals are stable", "non-urgent"),
+        ("Non-urgent: no red flags", "non-urgent"),
+        ("No red flags, non-urgent", "non-urgent"),
+        ("Non-urgent, although she should not wait more than a week", "non-urgent"),
+        ("Not urgent", "non-urgent"),  # the other of two labels
+        ("This is not urgent; routine follow-up", "non-urgent"),
+        ("It isn't urgent", "non-urgent"),
+        ("Does not seem urgent", "non-urgent"),
+        ("Urgent? No.", "non-urgent"),
+        ("URGENT - send to ED", "urgent"),
+        ("Answer: Urgent", "urgent"),
+        ("The message is urgent because of chest pain", "urgent"),
+        ("Not non-urgent: call her today", "urgent"),
+        ("Urgent, not non-urgent", "urgent"),
+        ("Urgent or non-urgent cannot be determined", NO_LABEL),
+        ("urgently", NO_LABEL),
+    ],
+)
+def test_parse_label_urgency(answer, expected):
+    assert parse_label(answer, URGENCY) == expected
+    assert parse_label(answer, list(reversed(URGENCY))) == expected  # label order does not matter
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("Medical assistant", "medical assistant"),
+        ("physician", "physician"),
+        ("Route to the physician", "physician"),
+        ("The physician should review this, not the medical assistant", "physician"),
+        ("Does not need a physician", "medical assistant"),
+        ("Physician not needed", "medical assistant"),
+        ("A medical assistant can handle this; no physician needed", "medical assistant"),
+        ("Physician or medical assistant", NO_LABEL),
+    ],
+)
+def test_parse_label_responder(answer, expected):
+    assert parse_label(answer, ["physician", "medical assistant"]) == expected
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("Sepsis", "sepsis"),
+        ("Sepsis cannot be excluded", "sepsis"),  # "cannot be excluded" leans towards it
+        ("No sepsis", "no sepsis"),  # a label that holds a negation is read whole
+        ("Negative for sepsis", "no sepsis"),
+        ("Sepsis unlikely", "no sepsis"),
+        ("Bacteremia without sepsis", "no sepsis"),
+        ("Septic", NO_LABEL),
+    ],
+)
+def test_parse_label_with_a_negative_label(answer, expected):
+    assert parse_label(answer, ["sepsis", "no sepsis"]) == expected
+
+
+def test_negation_picks_nothing_among_more_than_two_labels():
+    labels = ["cystitis", "pyelonephritis", "urethritis"]
+    assert parse_label("Not pyelonephritis", labels) == NO_LABEL  # which of the other two is not said
+    assert parse_label("Cystitis, not pyelonephritis", labels) == "cystitis"
+
+
+def test_binary_f1_unparseable_is_wrong_and_never_positive():
+    """positive_label UTI; gold / pred:
+
+        UTI/UTI (TP)  UTI/<none> (FN)  pyuria/<none> (TN: not a positive)  pyuria/pyuria (TN)  pyuria/UTI (FP)
+
+    TP=1, FP=1, FN=1 -> F1 = 2TP / (2TP + FP + FN) = 2 / 4 = 0.5   (were <none> a positive: 2 / 5 = 0.4)
+    accuracy = 2 right / 5 = 0.4   (both <none> answers are wrong)
+    """
+    gold = ["UTI", "UTI", "pyuria", "pyuria", "pyuria"]
+    pred = ["UTI", NO_LABEL, NO_LABEL, "pyuria", "UTI"]
+    m = classification_metrics(task(["UTI", "pyuria"], "UTI"), gold, pred)
+    assert m["f1"] == pytest.approx(0.5)
+    assert m["accuracy"] == pytest.approx(0.4)
+
+
+def test_binary_f1_without_any_positive_is_zero_not_nan():
+    """No positive in gold or pred: TP = FP = FN = 0, so F1 = 0 / 0, reported as 0.0; accuracy 2 / 2 = 1."""
+    m = classification_metrics(task(["UTI", "pyuria"], "UTI"), ["pyuria", "pyuria"], ["pyuria", "pyuria"])
+    assert m == {"f1": 0.0, "accuracy": 1.0}
+
+
+def test_macro_f1_over_labels_only():
+    """labels a, b, c (no positive_label); gold / pred: a/a a/b b/b b/<none> c/c c/a
+
+    a: TP=1 FP=1 (c->a) FN=1 (a->b)   F1 = 2 / 4 = 0.5
+    b: TP=1 FP=1 (a->b) FN=1 (b->none) F1 = 2 / 4 = 0.5
+    c: TP=1 FP=0        FN=1 (c->a)   F1 = 2 / 3
+    macro = (1/2 + 1/2 + 2/3) / 3 = 5/9   (<none> is not a class: averaging it in would give 5/12)
+    accuracy = 3 / 6 = 0.5
+    """
+    gold = ["a", "a", "b", "b", "c", "c"]
+    pred = ["a", "b", "b", NO_LABEL, "c", "a"]
+    m = classification_metrics(task(["a", "b", "c"]), gold, pred)
+    assert m["f1"] == pytest.approx(5 / 9)
+    assert m["accuracy"] == pytest.approx(0.5)
+
+
+
 TRIAGE = TriageTask(name="t", kind="triage", splits=SPLITS)
 
 
@@ -159,37 +316,3 @@ def test_gold_checks_per_kind():
     assert gold_check(reasoning)({"chosen": "B. x", "options": {"A": "x", "B": "y"}}) is None
     assert "picks none of the options" in gold_check(reasoning)({"chosen": "E", "options": {"A": "x", "B": "y"}})
     assert "must map letters" in gold_check(reasoning)({"chosen": "A", "options": ["x", "y"]})
-
-
-def test_outcomes_per_kind_and_their_tests():
-    assert TRIAGE.outcome_metrics == {"correct_urgency": "f1_urgency", "correct_responder": "f1_responder"}
-    summ = SummarizationTask(name="s", kind="summarization", splits=SPLITS)
-    scores = {"base": [3.0, 4.0, 2.0], "sft": [4.0, 4.0, 3.0], "dpo": [5.0, 4.0, 4.0]}
-    comps = compare(summ, summ.outcome_metrics, {s: {"score": v} for s, v in scores.items()}, 1000, 0)
-    assert [c["test"] for c in comps] == ["paired_t"] * 3
-    # base vs sft: differences -1, 0, -1: mean -2/3, sd 1/sqrt(3), t = (-2/3) / ((1/sqrt(3))/sqrt(3)) = -2
-    assert comps[0]["statistic"] == pytest.approx(-2.0)
-    binary = {s: {"correct": [s != "base", True]} for s in ("base", "sft", "dpo")}
-    reasoning = ReasoningTask(name="r", kind="reasoning", splits=SPLITS)
-    assert {c["test"] for c in compare(reasoning, {"correct": "accuracy"}, binary, 1000, 0)} == {"mcnemar_exact"}
-
-
-def test_a_stage_that_predicts_one_label_for_all_is_flagged_in_one_line_without_text(caplog):
-    import logging
-
-    from clinft_ray.study import warn_one_prediction
-    from clinft_ray.tasks import one_prediction
-
-    same = {"correct_urgency": [True, False, True], "pred_urgency": ["urgent"] * 3,
-            "pred_responder": ["physician", "medical assistant", None]}
-    assert one_prediction(same) == {"pred_urgency": "urgent"}
-    assert one_prediction({"pred": [None, None]}) == {"pred": None}  # nothing parsed, ever
-    assert one_prediction({"pred": ["B"]}) == {}  # one example says nothing about a stage
-    assert one_prediction({"score": [4.0, 4.0]}) == {}  # a score is not a prediction
-    with caplog.at_level(logging.WARNING, logger="clinft"):
-        warn_one_prediction("triage", "sft", Scored({}, ["a", "b", "c"], same, ["CANARY-PHI"] * 3))
-        warn_one_prediction("triage", "dpo", Scored({}, ["a", "b"], {"pred_urgency": ["urgent", "non-urgent"]}, []))
-    [record] = caplog.records
-    msg = record.getMessage()
-    assert "[triage] sft" in msg and "all 3 test examples" in msg and "pred_urgency 'urgent'" in msg
-    assert "CANARY" not in msg and "\n" not in msg

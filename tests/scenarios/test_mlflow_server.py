@@ -1,0 +1,226 @@
+"""Scenario: one LoRA study logged over HTTP to the session's real `mlflow server` on 127.0.0.1 (sqlite
+backend, artifacts stored by the server), with a 30 s outage in the middle of its SFT sweep, read back
+through the MLflow client:
+
+- nothing lost: training goes on through the outage and every value is in MLflow afterwards, once;
+- cost at every level, figures and reports as artifacts, no run left RUNNING;
+- the LoRA path: SFT adapters, DPO adapters stacked on the selected SFT adapter (reference = adapter
+  disabled), checkpoints that load back as one merged model; example answers logged because the study
+  opts in (`mlflow.log_examples`);
+- the canary scan: planted patient text (in every split's prompts) and a secret in the environment
+  appear nowhere in what MLflow, the run directory or Ray's logs hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from clinft_ray.config import load_study
+from clinft_ray.modeling import load_model, read_manifest
+from clinft_ray.study import run_study
+
+from helpers import small_study
+
+pytestmark = pytest.mark.slow
+
+CANARY_TEXT = "CANARY-PHI-3317"
+CANARY_SECRET = "canary-secret-8c41f"
+SFT = {"stage": "sft", "learning_rate": {"grid": [1.0e-2, 1.0e-4]}, "max_steps": 20, "eval_steps": 10,
+       "batch_size": 8, "lr_scheduler": "constant"}
+DPO = {"stage": "dpo", "learning_rate": {"grid": [1.0e-3]}, "beta": {"grid": [0.1, 0.5]}, "max_steps": 10,
+       "eval_steps": 5, "batch_size": 8, "lr_scheduler": "constant"}
+OUTAGE_S = 30
+
+
+@pytest.fixture(scope="module")
+def served(mlflow_server, demo_dir, tmp_path_factory, ray_session):
+    """The study, run in a thread while the test cuts the server's link for 30 s once the first SFT
+    curve point is in MLflow: (output folder, server root, results, client, outage start, outage end,
+    study)."""
+    out = tmp_path_factory.mktemp("served")
+    config = small_study(demo_dir, out, sft=SFT, dpo=DPO)
+    for path in (out / "data" / "classification-small").glob("*.jsonl"):  # patient text stand-ins in every split
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for r in rows:
+            r["prompt"] = r["prompt"].replace("Urinalysis", f"{CANARY_TEXT} urinalysis")
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.rmtree(out / "data" / "classification")  # the untrimmed splits: the study does not read them
+    sets = [f"mlflow.tracking_uri={mlflow_server.url}", "study=served", "cost.gpu_hour_usd=2.5",
+            "cost.cpu_hour_usd=0.05", "model.finetune=lora", "model.lora.r=8", "mlflow.log_examples=3"]
+    study = load_study(config, sets)
+    results: list[dict] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(run_study(study))
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            errors.append(e)
+
+    os.environ["CLINFT_TEST_TOKEN"] = CANARY_SECRET  # a secret in the environment must never be logged
+    driver = threading.Thread(target=run, daemon=True)
+    driver.start()
+    client = MlflowClient(mlflow_server.url)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not errors:  # the first SFT curve point is in: pull the plug
+            experiment = client.get_experiment_by_name("served")
+            runs = client.search_runs([experiment.experiment_id], "tags.clinft.stage = 'sft'") if experiment else []
+            if any("eval/loss" in r.data.metrics and "clinft.trial" in r.data.tags for r in runs):
+                break
+            time.sleep(0.5)
+        mlflow_server.outage()
+        down = time.time()
+        time.sleep(OUTAGE_S)
+        up = time.time()
+        mlflow_server.back()
+        driver.join(timeout=900)
+    finally:
+        mlflow_server.back()
+        os.environ.pop("CLINFT_TEST_TOKEN")
+    assert not driver.is_alive() and not errors, errors
+    return out, mlflow_server.root, results[0], client, down, up, study
+
+
+@pytest.fixture(scope="module")
+def server_run(served):
+    out, root, results, client, _, _, _ = served
+    return out, root, results, client
+
+
+@pytest.fixture(scope="module")
+def lora_run(served):
+    *_, study = served
+    return study, served[2]
+
+
+def test_a_study_trains_through_a_30_s_outage_and_mlflow_ends_complete(served):
+    out, _, results, client, down, up, _ = served
+    _check_complete(client, results, out, down, up)
+
+
+def test_runs_carry_cost_at_every_level(server_run):
+    _, _, results, client = server_run
+    runs = client.search_runs([results["mlflow"]["experiment_id"]], max_results=500)
+    assert runs and all(r.info.status == "FINISHED" for r in runs)
+    by_kind = {}
+    for r in runs:
+        kind = r.data.tags.get("clinft.kind") or ("trial" if "clinft.trial" in r.data.tags else
+                                                    "stage" if "clinft.stage" in r.data.tags else "task")
+        by_kind.setdefault(kind, []).append(r)
+    assert len(by_kind["trial"]) == 2 + 2 and len(by_kind["stage"]) == 3
+    for r in by_kind["trial"] + by_kind["stage"] + by_kind["task"] + by_kind["study"]:
+        m = r.data.metrics
+        assert m["gpu_hours"] == 0.0 and m["cpu_hours"] > 0, r.info.run_name
+        assert m["cost_usd"] == pytest.approx(0.05 * m["cpu_hours"] + 2.5 * m["gpu_hours"]), r.info.run_name
+    task = by_kind["task"][0].data.metrics
+    assert task["dpo_sft_cost_ratio"] == pytest.approx(task["dpo_cpu_hours"] / task["sft_cpu_hours"])
+    assert results["tasks"]["uti"]["cost_usd"] == pytest.approx(task["cost_usd"])
+
+
+def test_figures_and_reports_are_artifacts(server_run):
+    out, root, results, client = server_run
+    study_run = results["mlflow"]["study_run_id"]
+    names = {a.path for a in client.list_artifacts(study_run)}
+    assert {"results.json", "report.md", "report.html", "outcomes.jsonl", "figures"} <= names
+    figs = {Path(a.path).name for a in client.list_artifacts(study_run, "figures")}
+    assert {"uti_test.png", "uti_sft_eval_loss.png", "uti_dpo_eval_loss.png", "cost.png"} <= figs
+    for f in figs:
+        assert (out / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(root.joinpath("artifacts").rglob("uti_test.png"))  # stored by the server, not locally
+    html = (out / "report.html").read_text()
+    assert "<table" in html and "figures/uti_test.png" in html
+
+
+def _scan(paths: list[Path], needles: list[bytes]) -> list[str]:
+    hits = []
+    for base in paths:
+        for f in [base] if base.is_file() else base.rglob("*"):
+            if f.is_file():
+                data = f.read_bytes()
+                hits += [f"{f}: {n.decode()}" for n in needles if n in data]
+    return hits
+
+
+def test_canaries_reach_nothing(server_run):
+    out, root, results, _ = server_run
+    needles = [CANARY_TEXT.encode(), CANARY_SECRET.encode()]
+    outputs = [p for p in out.iterdir() if p.name != "data"]  # the input data is the user's own
+    ray_logs = Path("/tmp/ray/session_latest/logs")
+    assert _scan([out / "data"], needles[:1])  # the scan finds the canary where it really is
+    hits = _scan([root, *outputs] + ([ray_logs] if ray_logs.exists() else []), needles)
+    assert hits == []
+
+
+def test_lora_checkpoints_chain_and_load(lora_run):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    study, results = lora_run
+    st = results["tasks"]["uti"]["stages"]
+    assert st["sft"]["trials"] == 2 and st["dpo"]["trials"] == 2
+    sft_ckpt, dpo_ckpt = st["sft"]["checkpoint"], st["dpo"]["checkpoint"]
+    sft_m, dpo_m = read_manifest(Path(sft_ckpt)), read_manifest(Path(dpo_ckpt))
+    assert sft_m["finetune"] == dpo_m["finetune"] == "lora"
+    assert sft_m["parent"] is None and dpo_m["parent"] == sft_ckpt == dpo_m["init_from"]
+    for ckpt in (sft_ckpt, dpo_ckpt):
+        assert (Path(ckpt) / "adapter_model.safetensors").is_file()
+
+    key = "model.layers.0.self_attn.q_proj.weight"
+    base = AutoModelForCausalLM.from_pretrained(study.config.model.name_or_path).state_dict()[key]
+    sft = load_model(study.config.model, sft_ckpt).state_dict()[key]
+    dpo = load_model(study.config.model, dpo_ckpt).state_dict()[key]
+    assert not torch.equal(base, sft) and not torch.equal(sft, dpo)
+
+
+def test_lora_results_have_scores_and_costs(lora_run):
+    _, results = lora_run
+    t = results["tasks"]["uti"]
+    for stage in ("base", "sft", "dpo"):
+        assert 0.0 <= t["stages"][stage]["test"]["f1"] <= 1.0
+        assert t["stages"][stage]["cpu_hours"] > 0
+    assert [(c["a"], c["b"]) for c in t["comparisons"]] == [("base", "sft"), ("sft", "dpo"), ("base", "dpo")]
+    assert t["dpo_sft_cost_ratio"] > 0
+
+
+def test_example_answers_logged_only_when_opted_in(lora_run):
+    study, results = lora_run
+    for stage in ("base", "sft", "dpo"):
+        rows = [json.loads(line) for line in (study.config.output_dir / "examples" / f"uti_{stage}.jsonl")
+                .read_text().splitlines()]
+        assert len(rows) == 3 and set(rows[0]) == {"id", "gold", "answer"}
+        assert rows[0]["answer"] in ("UTI", "pyuria")
+
+
+def _check_complete(client: MlflowClient, results: dict, out: Path, down: float, up: float) -> None:
+    runs = client.search_runs([results["mlflow"]["experiment_id"]], max_results=1000)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    trials = [r for r in runs if "clinft.trial" in r.data.tags]
+    assert len(trials) == 2 + 2 and len({r.data.tags["clinft.trial_id"] for r in trials}) == 4
+    reported = {}  # Tune trial id -> the rows the trial reported, as Tune stored them
+    for path in out.glob("ray/*/*/result.json"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        reported[rows[0]["trial_id"]] = rows
+    reported_during_outage = 0
+    for run in trials:
+        rows = reported[run.data.tags["clinft.trial_id"]]
+        reported_during_outage += sum(down < row["timestamp"] < up for row in rows)
+        for key in ("eval/loss", "dev/f1"):
+            logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+            expected = [(row["step"], row[key]) for row in rows if key in row]
+            # Steps must match exactly (each point once); values only to float precision, since MLflow
+            # stores doubles that went through JSON.
+            assert [step for step, _ in logged] == [step for step, _ in expected], (run.info.run_name, key)
+            assert [v for _, v in logged] == pytest.approx([v for _, v in expected]), (run.info.run_name, key)
+        assert run.data.metrics["cpu_hours"] > 0
+    assert reported_during_outage > 0  # trials trained and reported while MLflow was down
+    stage_sft = [r for r in runs if r.data.tags.get("clinft.stage") == "sft" and "clinft.trial" not in r.data.tags]
+    assert stage_sft[0].data.tags["clinft.selected_run_id"] in {r.info.run_id for r in trials}
