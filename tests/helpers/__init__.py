@@ -166,10 +166,11 @@ class MlflowServer:
             self.proc = None
 
 
-def copy_demo(demo_dir: Path, dest: Path) -> Path:
+def copy_demo(demo_dir: Path, dest: Path, also_skip: tuple[str, ...] = ()) -> Path:
     """The demo folder's inputs (data, tiny model, spaces, study.yaml) copied to `dest`, no outputs of
-    any run; returns the copy's study.yaml."""
-    shutil.copytree(demo_dir, dest, ignore=lambda _, names: [n for n in names if n in OUTPUTS], dirs_exist_ok=True)
+    any run (nor the entries `also_skip`); returns the copy's study.yaml."""
+    skip = OUTPUTS | set(also_skip)
+    shutil.copytree(demo_dir, dest, ignore=lambda _, names: [n for n in names if n in skip], dirs_exist_ok=True)
     return dest / "study.yaml"
 
 

@@ -108,7 +108,7 @@ def _tree(folder: Path) -> dict[str, tuple[str, int]]:
 def study(demo_dir, tmp_path_factory) -> Path:
     """A copy of the demo's study (data, tiny model, spaces) with an earlier run's outputs in `earlier/`."""
     root = tmp_path_factory.mktemp("badin") / "study"
-    copy_demo(demo_dir, root)
+    copy_demo(demo_dir, root, also_skip=("bad",))  # the bad inputs other tests wrote into the demo folder
     (root / "bad").mkdir()
     (root / "earlier").mkdir()
     _outputs_of_an_earlier_run(root / "earlier")
