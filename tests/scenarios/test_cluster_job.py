@@ -1,4 +1,5 @@
-"""Cluster mode for real: `ray start --head` on 127.0.0.1 and the demo study sent with `ray job submit`.
+"""Cluster mode for real: `ray start --head` on 127.0.0.1 and the demo study sent with `ray job submit`,
+its trials each on two Ray Train workers with their checkpoints in storage outside the output folder.
 
 The cluster has token authentication on (RAY_AUTH_MODE=token), its dashboard and job API bind to
 127.0.0.1 only, and it is stopped by this module, without touching the test session's own Ray.
@@ -86,10 +87,15 @@ def _submit(address: str, env: dict[str, str], out: Path, submission_id: str, de
     (spaces / "sft.yaml").write_text(SMALL_SFT)
     (spaces / "dpo.yaml").write_text(SMALL_DPO)
     splits = trimmed(demo_dir / "data" / "classification", out.parent / "splits", SMALL_ROWS)
+    # Each trial on two Ray Train workers (gloo), as `gpus_per_trial: 4` runs on a GPU node, with the
+    # trials' checkpoints in storage shared by the cluster's nodes, outside the output folder.
+    cluster = ["--set", f"storage_path={out.parent / 'shared'}", "--set", "resources.workers_per_trial=2",
+               "--set", "resources.cpus_per_trial=0.5"]
     submitted = _ray(["job", "submit", "--address", address, "--submission-id", submission_id, "--working-dir", ".",
                       "--runtime-env", "jobs/runtime_env.yaml", "--", "python", "jobs/study.py", "demo", "--out",
                       str(out), "--set", f"sft.space={spaces / 'sft.yaml'}", "--set", f"dpo.space={spaces / 'dpo.yaml'}",
-                      *(a for split, path in splits.items() for a in ("--set", f"tasks.0.splits.{split}={path}"))],
+                      *(a for split, path in splits.items() for a in ("--set", f"tasks.0.splits.{split}={path}")),
+                      *cluster],
                      env, check=False, timeout=1200)
     status = _ray(["job", "status", "--address", address, submission_id], env, check=False)
     assert status.returncode == 0, f"ray job submit was refused: {submitted.stderr[-1500:]}"
@@ -115,6 +121,8 @@ def test_job_without_the_token_is_refused(cluster):
 def test_demo_study_as_a_ray_job_and_resubmitted(cluster, tmp_path, demo_dir):
     from mlflow.tracking import MlflowClient
 
+    from clinft_ray.modeling import read_manifest
+
     address, env = cluster
     out = tmp_path / "demo"
     assert _submit(address, env, out, "clinft-demo-1", demo_dir)
@@ -122,13 +130,21 @@ def test_demo_study_as_a_ray_job_and_resubmitted(cluster, tmp_path, demo_dir):
     results = json.loads((out / "results.json").read_text())
     stages = results["tasks"]["uti"]["stages"]
     assert stages["sft"]["trials"] == 2 and stages["dpo"]["trials"] == 1
-    assert stages["sft"]["test"]["f1"] > stages["base"]["test"]["f1"]
+    assert stages["sft"]["test"]["f1"] > stages["base"]["test"]["f1"]  # the 2-worker SFT trials learned
+    storage = tmp_path / "shared"
+    sft_ckpt, dpo_ckpt = Path(stages["sft"]["checkpoint"]), Path(stages["dpo"]["checkpoint"])
+    assert sft_ckpt.is_relative_to(storage) and dpo_ckpt.is_relative_to(storage)  # the trials' shared storage
+    assert not (out / "ray").exists()
+    assert read_manifest(dpo_ckpt)["init_from"] == str(sft_ckpt)
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("uti-demo")
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     trials = [r for r in runs if "clinft.trial" in r.data.tags]
     assert len(trials) == 3 and {r.info.status for r in runs} == {"FINISHED"}
-    assert sum(r.data.metrics["cpu_hours"] for r in trials) > 0
+    for run in trials:
+        assert run.data.metrics["system/workers"] == 2
+        # device-hours bill both workers: 2 x 0.5 CPUs for the trial's wall time
+        assert run.data.metrics["cpu_hours"] == pytest.approx(run.data.metrics["wall_s"] / 3600, rel=1e-6)
     stamp = (out / "results.json").stat().st_mtime_ns
     logs = _ray(["job", "logs", "--address", address, "clinft-demo-1"], env).stdout
     # The driver (clinft's own output) prints no traceback. Lines that Ray forwards from trial workers
