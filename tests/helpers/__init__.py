@@ -205,9 +205,9 @@ def small_study(demo_dir: Path, dest: Path, *, sft: dict[str, Any] = SFT_ONE, dp
     return config_path
 
 
-def clinft(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+def clinft(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """`clinft ARGS` as a user runs it: its own interpreter; returns what it printed and its exit code."""
-    return subprocess.run([sys.executable, "-m", "clinft_ray.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "clinft_ray.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -228,13 +228,10 @@ def clinft_here(capsys: Any, *args: str) -> subprocess.CompletedProcess:
 
 
 def clinft_in_process(capsys: Any, *args: str) -> tuple[int, list[str], str]:
-    """`clinft ARGS` in this process: (exit code, its `clinft: error:` lines, all it printed)."""
-    from clinft_ray.cli import main
-
-    code = main(list(args))
-    printed = capsys.readouterr()
-    text = printed.out + printed.err
-    return code, [line for line in text.splitlines() if line.startswith("clinft: error:")], text
+    """`clinft ARGS` in this process (`clinft_here`): (exit code, its `clinft: error:` lines, all it printed)."""
+    res = clinft_here(capsys, *args)
+    text = res.stdout + res.stderr
+    return res.returncode, [line for line in text.splitlines() if line.startswith("clinft: error:")], text
 
 
 def whole_checkpoint(folder: Path, step: int) -> Path:

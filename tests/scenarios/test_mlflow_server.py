@@ -19,6 +19,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -43,8 +44,8 @@ OUTAGE_S = 30
 @pytest.fixture(scope="module")
 def served(mlflow_server, demo_dir, tmp_path_factory, ray_session):
     """The study, run in a thread while the test cuts the server's link for 30 s once the first SFT
-    curve point is in MLflow: (output folder, server root, results, client, outage start, outage end,
-    study)."""
+    curve point is in MLflow: its output folder, the server's root, results, client, the outage's start
+    and end, and the study."""
     out = tmp_path_factory.mktemp("served")
     config = small_study(demo_dir, out, sft=SFT, dpo=DPO)
     for path in (out / "data" / "classification-small").glob("*.jsonl"):  # patient text stand-ins in every split
@@ -87,24 +88,22 @@ def served(mlflow_server, demo_dir, tmp_path_factory, ray_session):
         mlflow_server.back()
         os.environ.pop("CLINFT_TEST_TOKEN")
     assert not driver.is_alive() and not errors, errors
-    return out, mlflow_server.root, results[0], client, down, up, study
+    return SimpleNamespace(out=out, root=mlflow_server.root, results=results[0], client=client, down=down, up=up,
+                           study=study)
 
 
 @pytest.fixture(scope="module")
 def server_run(served):
-    out, root, results, client, _, _, _ = served
-    return out, root, results, client
+    return served.out, served.root, served.results, served.client
 
 
 @pytest.fixture(scope="module")
 def lora_run(served):
-    *_, study = served
-    return study, served[2]
+    return served.study, served.results
 
 
 def test_a_study_trains_through_a_30_s_outage_and_mlflow_ends_complete(served):
-    out, _, results, client, down, up, _ = served
-    _check_complete(client, results, out, down, up)
+    _check_complete(served.client, served.results, served.out, served.down, served.up)
 
 
 def test_runs_carry_cost_at_every_level(server_run):

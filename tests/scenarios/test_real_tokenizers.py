@@ -23,12 +23,11 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from clinft_ray.config import load_study
 from clinft_ray.study import run_study
 
-from helpers import trimmed
+from helpers import small_study, trimmed
 
 pytestmark = pytest.mark.slow
 
@@ -73,26 +72,21 @@ def shortened(source: Path, out: Path, rows: dict[str, int]) -> dict[str, str]:
     return splits
 
 
-def study_on(model: Path, demo_dir: Path, out: Path, kind: str, plan: dict, recipe: tuple[float, int] | None = None,
-             **task) -> dict:
-    sft = plan["sft"] if recipe is None else {**plan["sft"], "learning_rate": {"grid": [recipe[0]]}, "max_steps": recipe[1]}
-    (out / "sft.yaml").write_text(yaml.safe_dump(sft))
-    (out / "dpo.yaml").write_text(yaml.safe_dump(plan["dpo"]))
-    config = yaml.safe_load((demo_dir / "study.yaml").read_text())
-    config.update(study=f"real-{out.name}")
-    config["model"]["name_or_path"] = str(model)
-    config["sft"]["space"], config["dpo"]["space"] = "sft.yaml", "dpo.yaml"
-    config["resources"]["cpus_per_trial"] = 2  # one trial at a time: both CPUs (torch threads) for it
-    config["tasks"] = [{**task, "kind": kind, "splits": shortened(demo_dir / "data" / kind, out / "data", plan["rows"])}]
-    (out / "study.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    return run_study(load_study(out / "study.yaml"))
+def study_on(model: Path, demo_dir: Path, out: Path, recipe: tuple[float, int]) -> dict:
+    """The demo's UTI study (`helpers.small_study`) on `model`, on the shortened splits, with the
+    family's SFT `recipe` (learning rate, steps) and one DPO trial, one trial at a time."""
+    splits = shortened(demo_dir / "data" / "classification", out / "short", CLASSIFY["rows"])
+    sft = {**CLASSIFY["sft"], "learning_rate": {"grid": [recipe[0]]}, "max_steps": recipe[1]}
+    sets = (f"study=real-{out.name}", f"model.name_or_path={model}",
+            "resources.cpus_per_trial=2",  # one trial at a time: both CPUs (torch threads) for it
+            *(f"tasks.0.splits.{split}={path}" for split, path in splits.items()))
+    return run_study(load_study(small_study(demo_dir, out, sft=sft, dpo=CLASSIFY["dpo"], rows=None, sets=sets)))
 
 
 @pytest.fixture(scope="module")
 def classified(real_models, demo_dir, tmp_path_factory, ray_session) -> dict[str, dict]:
-    task = {"name": "uti", "labels": ["UTI", "pyuria"], "positive_label": "UTI", "scoring": "loglik"}
-    return {f: study_on(real_models[f], demo_dir, tmp_path_factory.mktemp(f"{f}-uti"), "classification", CLASSIFY,
-                        recipe=CLASSIFY["recipe"][f], **task) for f in FAMILIES}
+    return {f: study_on(real_models[f], demo_dir, tmp_path_factory.mktemp(f"{f}-uti"), CLASSIFY["recipe"][f])
+            for f in FAMILIES}
 
 
 def test_sft_learns_the_classification_on_every_tokenizer(classified, demo_run):
