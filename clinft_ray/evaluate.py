@@ -102,9 +102,13 @@ def fit(ids: list[int], max_length: int) -> list[int]:
 
 
 def loglik_choose(model: Any, tokenizer: Any, examples: list[Example], answers: list[str], max_length: int,
-                  batch_size: int = 16) -> list[int]:
+                  batch_size: int = 16, batch_tokens: int = 16384) -> list[int]:
     """For each example, the index of the most likely of `answers`: the sum of the log-probs of the
-    answer tokens that training trains on (`row_tokens`, end-of-turn included, cut by `fit`)."""
+    answer tokens that training trains on (`row_tokens`, end-of-turn included, cut by `fit`).
+
+    Rows are batched by length, longest first, up to `batch_size` rows and `batch_tokens` padded tokens
+    a batch, so a split of long notes does not pad every row to the longest one and a batch of long
+    rows stays within the memory of a batch of short ones."""
     import torch
 
     pairs = []  # (example index, answer index, input ids, number of answer tokens)
@@ -114,8 +118,7 @@ def loglik_choose(model: Any, tokenizer: Any, examples: list[Example], answers: 
             ids = fit(t.prompt + t.answer, max_length)
             pairs.append((i, j, ids, max(0, len(ids) - len(t.prompt))))
     scores = torch.full((len(examples), len(answers)), float("-inf"))
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
+    for chunk in _batches(sorted(pairs, key=lambda p: -len(p[2])), batch_size, batch_tokens):
         sums = _answer_logprob_sums(model, [ids for _, _, ids, _ in chunk], [n for *_, n in chunk],
                                     tokenizer.pad_token_id)
         for (i, j, _, n), value in zip(chunk, sums, strict=True):
@@ -124,31 +127,80 @@ def loglik_choose(model: Any, tokenizer: Any, examples: list[Example], answers: 
     return scores.argmax(dim=1).tolist()
 
 
+def _batches(pairs: list[tuple[Any, ...]], batch_size: int, batch_tokens: int) -> list[list[tuple[Any, ...]]]:
+    """Consecutive runs of `pairs` (sorted longest first) of at most `batch_size` rows whose padded size
+    (rows x the first row's length) stays within `batch_tokens`; a row longer than that goes alone."""
+    out: list[list[tuple[Any, ...]]] = []
+    for pair in pairs:
+        if out and len(out[-1]) < batch_size and (len(out[-1]) + 1) * len(out[-1][0][2]) <= batch_tokens:
+            out[-1].append(pair)
+        else:
+            out.append([pair])
+    return out
+
+
 def _answer_logprob_sums(model: Any, rows: list[list[int]], n_answer: list[int], pad: int) -> list[float]:
     """Sum of log p(token | earlier tokens) over the last `n_answer[r]` tokens of each row.
 
     Rows are left-padded so that every answer ends at the last column, with position ids counted from
-    each row's first real token (the positions training gives it), and only the last columns' logits
-    are projected (`logits_to_keep`): a batch of 16 rows of 1000 tokens with Llama 3's 128,256-token
-    vocabulary would otherwise hold 8 GB of fp32 logits.
+    each row's first real token (the positions training gives it). Only the hidden states that predict
+    an answer token go through the LM head, projected in float32 a slice of the vocabulary at a time
+    with a running log-sum-exp (`answer_logprobs`): a batch of 16 rows of 2,048 tokens with Llama 3's
+    128,256-token vocabulary would otherwise hold 8 GB of bf16 logits and three times that in float32,
+    and bf16 logits round by about 0.06 a token, enough to swap two close candidates.
     """
     import torch
 
     dev = next(model.parameters()).device
-    width, keep = max(len(r) for r in rows), max(n_answer) + 1
+    width, keep = max(len(r) for r in rows), max(n_answer)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for r, ids in enumerate(rows):
         input_ids[r, width - len(ids) :] = torch.tensor(ids)
         mask[r, width - len(ids) :] = 1
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    # predictor column c (of the last keep + 1 columns) predicts the token in column c + 1
+    scored = torch.zeros((len(rows), keep), dtype=torch.bool)
+    for r, n in enumerate(n_answer):
+        scored[r, keep - n :] = True
+    targets = input_ids[:, width - keep :]
     with torch.no_grad():
-        logits = model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                       logits_to_keep=keep).logits[:, -keep:].float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    targets = input_ids[:, width - keep + 1 :].to(dev)
-    tok_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
-    return [float(tok_lp[r, tok_lp.shape[1] - n :].sum()) if n else float("-inf") for r, n in enumerate(n_answer)]
+        hidden = final_hidden(model, input_ids.to(dev), mask.to(dev), positions.to(dev))[:, -keep - 1 : -1]
+        tok_lp = torch.zeros((len(rows), keep))
+        if keep:
+            tok_lp[scored] = answer_logprobs(model, hidden[scored.to(dev)], targets[scored].to(dev)).cpu()
+    return [float(tok_lp[r].sum()) if n else float("-inf") for r, n in enumerate(n_answer)]
+
+
+def _causal_lm(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (its LoRA layers stay in place and active)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def final_hidden(model: Any, input_ids: Any, mask: Any, positions: Any) -> Any:
+    """The backbone's last hidden states (what the LM head reads), without any logits."""
+    lm = _causal_lm(model)
+    return lm.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         use_cache=False).last_hidden_state
+
+
+def answer_logprobs(model: Any, hidden: Any, targets: Any) -> Any:
+    """log p(target) of each hidden state ([N, H] -> [N]) through the model's LM head in float32, with
+    TRL's chunked log-softmax (`trl.kernels.ChunkedLogProbFunction`, the kernel of TRL's fused LM
+    head): a 32,768-token slice of the vocabulary at a time, so the peak is N x 32,768, not N x vocab,
+    and the head's weights are upcast a slice at a time. The model's final-logit soft-capping and
+    logit scale (Gemma, Cohere) are applied as TRL applies them."""
+    import torch
+    from trl.kernels import ChunkedLogProbFunction
+
+    lm = _causal_lm(model)
+    text = lm.config.get_text_config()
+    head = lm.get_output_embeddings()
+    with torch.autocast(hidden.device.type, enabled=False):
+        log_probs, *_ = ChunkedLogProbFunction.apply(
+            hidden.float(), head.weight, head.bias, targets, 1.0, 32768,
+            getattr(text, "final_logit_softcapping", None), getattr(text, "logit_scale", None) or 1.0, ())
+    return log_probs
 
 
 def generate(model: Any, tokenizer: Any, examples: list[Example], max_new_tokens: int, max_length: int,

@@ -20,6 +20,7 @@ from clinft_ray.config import ClassificationTask, ModelConfig, ReasoningTask, Su
 from clinft_ray.data import Example, dpo_rows, load_split, sft_rows
 from clinft_ray.evaluate import (
     _answer_logprob_sums,
+    _batches,
     data_problems,
     fit,
     loglik_candidates,
@@ -166,6 +167,73 @@ def test_loglik_choose_picks_the_label_the_model_prefers(models, rows):
                 for t in (row_tokens(tok, e.prompt, a) for a in ("UTI", "pyuria"))]
         expected.append(int(sums[1] > sums[0]))
     assert base == expected
+
+
+def test_rows_are_batched_by_length_within_the_token_budget():
+    pairs = [(k, 0, [0] * n, 1) for k, n in enumerate([9, 7, 5, 5, 2, 1])]
+    sizes = [[len(p[2]) for p in b] for b in _batches(pairs, batch_size=3, batch_tokens=15)]
+    assert sizes == [[9], [7, 5], [5, 2, 1]]  # 2 x 9 > 15; 3 x 7 > 15; 3 rows is the cap
+    assert [[len(p[2]) for p in b] for b in _batches(pairs[:1], 4, 3)] == [[9]]  # too long: alone
+
+
+def test_loglik_choice_does_not_depend_on_the_batching(models, rows):
+    tok = tokenizer_of(models, "llama3")
+    model = load_base(ModelConfig(name_or_path=str(models["llama3"]), dtype="float32")).eval()
+    examples = rows["classification"][:6]
+    alone = loglik_choose(model, tok, examples, ["UTI", "pyuria"], MAX_LENGTH, batch_size=1)
+    assert loglik_choose(model, tok, examples, ["UTI", "pyuria"], MAX_LENGTH) == alone
+    assert loglik_choose(model, tok, examples, ["UTI", "pyuria"], MAX_LENGTH, batch_tokens=200) == alone
+
+
+def test_bf16_model_is_scored_through_a_float32_head(models, rows):
+    """On a bf16 model the sums are those of its bf16 hidden states projected in float32, not of its
+    bf16 logits (which round by ~0.06 a token at real scale)."""
+    tok = tokenizer_of(models, "mistral")
+    model = load_base(ModelConfig(name_or_path=str(models["mistral"]), dtype="bfloat16")).eval()
+    t = row_tokens(tok, rows["triage"][0].prompt, rows["triage"][0].chosen)
+    ids = torch.tensor([t.prompt + t.answer])
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state[0, :-1]
+        logp = torch.log_softmax(hidden.float() @ model.lm_head.weight.float().T, dim=-1)
+        bf16_logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1).float()
+    n = len(t.answer)
+    targets = ids[0, 1:].unsqueeze(-1)
+    fp32_head = float(logp.gather(-1, targets)[-n:].sum())
+    bf16_head = float(bf16_logp.gather(-1, targets)[-n:].sum())
+    ours = _answer_logprob_sums(model, [t.prompt + t.answer], [n], tok.pad_token_id)[0]
+    assert ours == pytest.approx(fp32_head, abs=1e-4)
+    assert abs(bf16_head - fp32_head) > 10 * abs(ours - fp32_head)
+
+
+def test_scoring_memory_does_not_grow_with_prompt_length_times_vocabulary(models):
+    """The largest tensor with a vocabulary-sized dimension that scoring creates is the same for a
+    prompt of 20 tokens and one of 400: only answer positions reach the LM head (every tensor an
+    operator returns is seen, through PyTorch's dispatch mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = load_base(ModelConfig(name_or_path=str(models["llama3"]), dtype="float32")).eval()
+    vocab = model.config.vocab_size
+
+    class Largest(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else [out]:
+                if isinstance(t, torch.Tensor) and vocab in t.shape:
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    def peak(prompt_tokens: int) -> int:
+        rows = [[7] * prompt_tokens + [11, 12, 13] for _ in range(4)]
+        with Largest() as seen:
+            _answer_logprob_sums(model, rows, [3] * 4, 0)
+        return seen.numel
+
+    short, long = peak(20), peak(400)
+    assert short == long <= 4 * 3 * vocab
 
 
 def test_fit_keeps_the_start_as_trl_does():
