@@ -49,6 +49,7 @@ hold these columns are not recomputed (see `clinft_ray.reference` for the shared
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -266,6 +267,21 @@ class PackedDPOTrainer(DPOTrainer):
     replacement with the same arguments, losses, metrics and results to floating-point tolerance."""
 
     _warned: bool = False
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        # With `precompute_ref_log_probs`, TRL's `__init__` hashes every parameter of the model
+        # (`hash_module`: a copy to CPU, an fp32 upcast and SHA-256 of all weights, about a minute
+        # for an 8B model) only to name its own cache file of reference values. clinft-ray keys its
+        # reference cache by checkpoint fingerprint (`reference.checkpoint_fingerprint`) and hands
+        # trials the columns, so each trainer gets a fresh random name instead: TRL's cache is never
+        # reused across trainers, which is all it loses.
+        import trl.trainer.dpo_trainer as stock
+
+        hash_module, stock.hash_module = stock.hash_module, lambda module: uuid.uuid4().hex
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            stock.hash_module = hash_module
 
     def _prefix_shared(self, model: Any) -> PrefixSharedForward:
         """`model` wrapped to run packed when its attention implementation takes a custom 4D mask."""

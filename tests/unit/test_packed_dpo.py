@@ -281,6 +281,28 @@ def test_cached_reference_equals_fresh_and_stock_and_second_call_runs_no_forward
         torch.testing.assert_close(torch.tensor(first["train"][col]), torch.tensor(stock.train_dataset[col]), **TOL)
 
 
+def test_no_whole_model_hash_in_a_reference_pass_or_a_trial(tiny, monkeypatch):
+    """TRL hashes every weight when `precompute_ref_log_probs` is on (a minute for an 8B model);
+    neither clinft-ray's reference pass nor a trial with the shared reference does."""
+    import trl.trainer.dpo_trainer as stock
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOTrainer
+
+    from clinft_ray.reference import compute_reference_logps, with_reference
+
+    hashed = []
+    monkeypatch.setattr(stock, "hash_module", lambda module: hashed.append(module) or "h")
+    rows, tok = preference_rows(3, seed=4), AutoTokenizer.from_pretrained(tiny)
+    values = compute_reference_logps(load_reference(tiny), tok, {"train": rows}, reference_args(tiny, batch_size=3))
+    trial = make_trainer(PackedDPOTrainer, tiny, with_reference(rows, values["train"]), lora=True,
+                         precompute_ref_log_probs=True)
+    assert hashed == [] and len(trial._precompute_model_hash) == 32
+    DPOTrainer(model=load_reference(tiny), args=reference_args(tiny, 3, precompute_ref_log_probs=True),
+               train_dataset=Dataset.from_list(rows), processing_class=tok)
+    assert len(hashed) == 1, "stock TRL hashes the model (the spy sees it)"
+
+
 def test_dpo_step_with_cached_reference_equals_live_reference(tiny, tmp_path):
     """Full fine-tuning: the cached trainer keeps no reference model at all, and its step (loss,
     rewards, gradients) equals stock TRL computing the reference live."""
