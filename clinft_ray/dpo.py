@@ -1,7 +1,9 @@
 """DPO stage: trials over learning rate x beta, each a `PackedDPOTrainer` run from the selected SFT model.
 
 Every trial starts from the SFT checkpoint selected on dev (`init_from`). With LoRA, the SFT adapter
-is merged into the base and a fresh DPO adapter is trained on top. Preference rows are prompt /
+stays unmerged and frozen on the base and a fresh DPO adapter is trained on top of it
+(`modeling.with_trainable_adapter`); the checkpoint holds the DPO adapter, with the SFT checkpoint as
+its parent. Preference rows are prompt /
 chosen (gold) / rejected. Trials report dev scores with checkpoints like the SFT stage
 (`trial.DevReport`). Only what DPO adds to the shared engine is here: `dpo_train` (in the
 trial's worker: its rows with the shared reference log-probs, TRL config and trainer, through
@@ -23,7 +25,7 @@ from typing import Any
 
 from clinft_ray.config import Study, TaskConfig
 from clinft_ray.data import dpo_rows
-from clinft_ray.modeling import load_model
+from clinft_ray.modeling import load_model, load_stacked, with_trainable_adapter
 from clinft_ray.preflight import TrialResources
 from clinft_ray.progress import Progress
 from clinft_ray.reference import RefLogps, sweep_reference, with_reference
@@ -33,10 +35,9 @@ from clinft_ray.trial import Reporter, run_trial
 
 
 def dpo_train(hp: dict[str, Any], reporter: Reporter, *, study: Study, task: TaskConfig, init_from: str,
-              reference: RefLogps | None = None) -> None:
+              reference: RefLogps) -> None:
     """Trial worker: train one DPO configuration; `hp` holds learning_rate and beta. `reference`: the
-    sweep's shared reference log-probs; without them the trial runs its reference live (the adapter
-    disabled with LoRA, else a second load of `init_from`)."""
+    sweep's shared reference log-probs (the SFT model's), so the trial holds no reference model."""
     from trl import DPOConfig
 
     from clinft_ray.packed_dpo import PackedDPOTrainer
@@ -45,18 +46,16 @@ def dpo_train(hp: dict[str, Any], reporter: Reporter, *, study: Study, task: Tas
     lora = cfg.model.finetune == "lora"
 
     def rows(split: str, examples: list, chat: bool) -> list[dict[str, Any]]:
-        out = dpo_rows(examples, chat)
-        return out if reference is None else with_reference(out, reference[split])
+        return with_reference(dpo_rows(examples, chat), reference[split])
 
-    def trainer(**kwargs: Any) -> Any:
-        return PackedDPOTrainer(model=load_model(cfg.model, init_from),
-                                ref_model=None if lora or reference is not None else load_model(cfg.model, init_from),
-                                **kwargs)
+    def trainer(peft_config: Any, **kwargs: Any) -> Any:
+        model = with_trainable_adapter(load_stacked(cfg.model, init_from), cfg.model) if lora \
+            else load_model(cfg.model, init_from)
+        return PackedDPOTrainer(model=model, ref_model=None, peft_config=None, **kwargs)
 
     run_trial(hp, reporter, study=study, task=task, space=space, rows=rows, make_trainer=trainer,
               make_args=lambda common: DPOConfig(**common, beta=float(hp["beta"]), loss_type=[space.loss_type],
-                                                 max_length=cfg.model.max_length,
-                                                 precompute_ref_log_probs=reference is not None),
+                                                 max_length=cfg.model.max_length, precompute_ref_log_probs=True),
               # A LoRA DPO adapter only makes sense on top of its SFT model: record it as the parent.
               parent=init_from if lora else None, init_from=init_from)
 

@@ -11,7 +11,12 @@ through Ray's `Checkpoint` into a node-local cache), so a DPO trial on any node 
 
 A full checkpoint holds the whole model. A LoRA checkpoint holds only its adapter, trained on top of
 `parent` (the selected SFT checkpoint, for a DPO adapter) or of `base_model`; `load_model` rebuilds
-the chain and merges the adapters, so any checkpoint loads as one plain model.
+the chain with every adapter stacked on the base, unmerged and active, which is the model that was
+trained and selected. Merging would add each adapter's delta, cast to bf16, into bf16 weights: half a
+bf16 step at |w| ~ 0.015 is ~3e-5, more than lr 1e-6 and below change a weight, so the merged model
+that seeds DPO and is scored on test would not be the one selected on dev. Unmerged, the adapter's
+delta is computed apart (in float32: PEFT keeps adapter weights in float32) and added to the layer's
+output, where it survives. Merging is for export only, and in float32.
 """
 
 from __future__ import annotations
@@ -60,19 +65,52 @@ def load_base(cfg: ModelConfig) -> Any:
 
 
 def load_model(cfg: ModelConfig, checkpoint: str | Path | None) -> Any:
-    """The base model (`checkpoint=None`) or a clinft-ray checkpoint, as one plain model."""
+    """The base model (`checkpoint=None`) or a clinft-ray checkpoint, as a transformers model: full
+    weights as saved, or a LoRA chain's adapters stacked on the base, unmerged, active and frozen."""
     if checkpoint is None:
         return load_base(cfg)
-    from transformers import AutoModelForCausalLM
-
     ckpt = local_checkpoint(checkpoint)
-    manifest = read_manifest(ckpt)
-    if manifest["finetune"] == "full":
+    if read_manifest(ckpt)["finetune"] == "full":
+        from transformers import AutoModelForCausalLM
+
         return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype(cfg))
+    return load_stacked(cfg, ckpt).get_base_model()
+
+
+STACKED = "clinft_stacked"  # adapter-name prefix of the chain's adapters below the one a trial trains
+
+
+def lora_chain(checkpoint: str | Path) -> list[Path]:
+    """A LoRA checkpoint's adapters from the one next to the base up to `checkpoint`, as local folders."""
+    chain = [local_checkpoint(checkpoint)]
+    while parent := read_manifest(chain[0])["parent"]:
+        chain.insert(0, local_checkpoint(parent))
+    return chain
+
+
+def load_stacked(cfg: ModelConfig, checkpoint: str | Path) -> Any:
+    """A LoRA checkpoint's chain as a `PeftModel`: each adapter (`clinft_stacked_0`, ...) on the base,
+    all active and frozen, none merged."""
     from peft import PeftModel
 
-    below = load_model(cfg, manifest["parent"]) if manifest["parent"] else load_base(cfg)
-    return PeftModel.from_pretrained(below, ckpt).merge_and_unload()
+    chain = lora_chain(checkpoint)
+    names = [f"{STACKED}_{k}" for k in range(len(chain))]
+    model = PeftModel.from_pretrained(load_base(cfg), chain[0], adapter_name=names[0])
+    for name, folder in zip(names[1:], chain[1:], strict=True):
+        model.load_adapter(folder, adapter_name=name)
+    model.base_model.set_adapter(names, inference_mode=True)
+    return model
+
+
+def with_trainable_adapter(model: Any, cfg: ModelConfig) -> Any:
+    """A stacked `PeftModel` (`load_stacked`) with a fresh LoRA adapter ("default", what the trainer
+    trains and saves at the checkpoint's top level) on top of the frozen ones, all active."""
+    stacked = list(model.peft_config)
+    model.add_adapter("default", peft_config(cfg))
+    model.base_model.set_adapter([*stacked, "default"])
+    for name, param in model.named_parameters():
+        param.requires_grad_(".default." in name)
+    return model
 
 
 def peft_config(cfg: ModelConfig) -> Any:
@@ -94,13 +132,16 @@ def write_manifest(folder: str | Path, cfg: ModelConfig, *, parent: str | None, 
                    step: int) -> Path:
     """Make a folder the trainer saved (PEFT adapter or full weights) a clinft-ray checkpoint.
 
-    `parent` is what a LoRA adapter must be stacked on to load; `init_from` records the checkpoint
+    `parent` is what a LoRA adapter must be stacked on to load (the copies of the stacked adapters
+    that PEFT saves beside it are dropped: the parent holds them); `init_from` records the checkpoint
     the training started from (None: the base model), whatever the fine-tuning mode. The manifest is
     written last and lists every file with its size: a folder without it, or whose files do not
     match it (a copy to storage cut off by a kill, in whatever order the files went), is incomplete
     and is never loaded (`incomplete`).
     """
     out = Path(folder)
+    for copy in out.glob(f"{STACKED}_*"):  # PEFT saves every adapter; the stacked ones are the parents'
+        shutil.rmtree(copy)
     files = {str(f.relative_to(out)): f.stat().st_size for f in sorted(out.rglob("*")) if f.is_file()}
     manifest = {"finetune": cfg.finetune, "base_model": cfg.name_or_path, "parent": parent, "init_from": init_from,
                 "step": step, "files": files}

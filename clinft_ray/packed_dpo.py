@@ -282,6 +282,12 @@ class PackedDPOTrainer(DPOTrainer):
             super().__init__(*args, **kwargs)
         finally:
             stock.hash_module = hash_module
+        # Given a PeftModel and no reference model, TRL adds a "ref" adapter, a copy of "default", to
+        # compute the reference with. With the reference precomputed (now done) it is never used; it
+        # would be saved in every checkpoint, and with adapters stacked below "default" (a DPO adapter
+        # on a frozen SFT adapter) it would not even be the reference.
+        if self.precompute_ref_logps and is_peft_model(self.model) and "ref" in self.model.peft_config:
+            self.model.delete_adapter("ref")
 
     def _prefix_shared(self, model: Any) -> PrefixSharedForward:
         """`model` wrapped to run packed when its attention implementation takes a custom 4D mask."""

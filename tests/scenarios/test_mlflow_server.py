@@ -173,10 +173,17 @@ def test_lora_checkpoints_chain_and_load(lora_run):
     for ckpt in (sft_ckpt, dpo_ckpt):
         assert (Path(ckpt) / "adapter_model.safetensors").is_file()
 
-    key = "model.layers.0.self_attn.q_proj.weight"
-    base = AutoModelForCausalLM.from_pretrained(study.config.model.name_or_path).state_dict()[key]
-    sft = load_model(study.config.model, sft_ckpt).state_dict()[key]
-    dpo = load_model(study.config.model, dpo_ckpt).state_dict()[key]
+    for ckpt in (sft_ckpt, dpo_ckpt):  # each holds its own adapter only; the DPO one stacks on its parent
+        assert not list(Path(ckpt).glob("clinft_stacked_*")) and not (Path(ckpt) / "ref").exists()
+
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 2, 11]])
+
+    def logits(model):
+        with torch.no_grad():
+            return model.eval()(input_ids=ids).logits
+
+    base = logits(AutoModelForCausalLM.from_pretrained(study.config.model.name_or_path))
+    sft, dpo = (logits(load_model(study.config.model, c)) for c in (sft_ckpt, dpo_ckpt))
     assert not torch.equal(base, sft) and not torch.equal(sft, dpo)
 
 

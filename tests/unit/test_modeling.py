@@ -49,3 +49,65 @@ def test_checkpoint_behind_a_uri_is_fetched_once_into_the_node_cache(tmp_path, m
     assert not list(local.parent.glob("*.part-*"))
     (ckpt / "model.safetensors").write_bytes(b"changed")
     assert (local_checkpoint(ref) / "model.safetensors").read_bytes() == b"weights"  # cached, not fetched again
+
+
+def _logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+def test_lora_updates_below_bf16_resolution_survive_in_the_model_that_is_scored(demo_dir, tmp_path):
+    """On a bf16 model, an adapter whose delta is below half a bf16 step of the weights (what lr 1e-6
+    and below train) changes the loaded model exactly as it changed the trained one; merging it, as
+    clinft-ray did, rounds it away and scores the base. The same holds for a DPO adapter stacked on
+    its frozen SFT adapter."""
+    import torch
+    from peft import PeftModel, get_peft_model
+
+    from clinft_ray.config import ModelConfig
+    from clinft_ray.modeling import (
+        STACKED,
+        load_base,
+        load_model,
+        load_stacked,
+        peft_config,
+        with_trainable_adapter,
+        write_manifest,
+    )
+
+    cfg = ModelConfig(name_or_path=str(demo_dir / "model"), dtype="bfloat16", finetune="lora")
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 2, 11]])
+    torch.manual_seed(0)
+
+    def nudge(model, adapter: str) -> None:  # lora_B as a few tiny optimizer steps leave it
+        for name, param in model.named_parameters():
+            if f"lora_B.{adapter}." in name:
+                param.data = torch.randn_like(param) * 1e-5
+
+    sft = get_peft_model(load_base(cfg), peft_config(cfg))
+    nudge(sft, "default")
+    trained = _logits(sft, ids)
+    sft.save_pretrained(tmp_path / "sft")
+    write_manifest(tmp_path / "sft", cfg, parent=None, init_from=None, step=1)
+
+    base = _logits(load_base(cfg), ids)
+    assert not torch.equal(trained, base), "the adapter changes the model"
+    assert torch.equal(_logits(load_model(cfg, tmp_path / "sft"), ids), trained), "scored = selected"
+    merged = PeftModel.from_pretrained(load_base(cfg), tmp_path / "sft").merge_and_unload()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    kept = (merged.state_dict()[key] != load_base(cfg).state_dict()[key]).float().mean()
+    assert kept < 0.1, "merged into bf16, >90% of the weights' updates round away"
+    assert not torch.equal(_logits(merged, ids), trained)
+
+    dpo = with_trainable_adapter(load_stacked(cfg, tmp_path / "sft"), cfg)
+    assert {n.split(".lora_")[1].split(".")[1] for n, p in dpo.named_parameters() if p.requires_grad} == {"default"}
+    assert torch.equal(_logits(dpo, ids), trained), "a fresh DPO adapter starts from the SFT model"
+    nudge(dpo, "default")
+    tuned = _logits(dpo, ids)
+    dpo.save_pretrained(tmp_path / "dpo")
+    write_manifest(tmp_path / "dpo", cfg, parent=str(tmp_path / "sft"), init_from=str(tmp_path / "sft"), step=2)
+    assert not list((tmp_path / "dpo").glob(f"{STACKED}_*")), "the SFT adapter is the parent's, not copied"
+    assert not torch.equal(tuned, trained)
+    assert torch.equal(_logits(load_model(cfg, tmp_path / "dpo"), ids), tuned)
