@@ -143,6 +143,7 @@ def validate(config: str, overrides: list[str], out: str | None, check_services:
     """What `clinft run` checks before training, without loading a model or starting Ray: the config,
     every split, the output and storage locations, a finished study in the output folder, the trial's
     resources on this machine, and (with `--check-services`) the tracking server and the judge."""
+    from clinft_ray.preflight import precision_warning
     from clinft_ray.study import check_data
 
     study = load_study(config, overrides, output_dir=out)
@@ -154,6 +155,8 @@ def validate(config: str, overrides: list[str], out: str | None, check_services:
         raise PreflightError("\n".join(problems))
     for note in notes:
         print(note)
+    if warning := precision_warning(study):
+        print(f"warning: {warning}")
     print(f"{config}: OK ({study.sft_space.num_trials()} SFT + {study.dpo_space.num_trials()} DPO trials per task)")
     return 0
 

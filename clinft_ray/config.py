@@ -230,11 +230,22 @@ class Resources(_Strict):
         if isinstance(gpus, float | int) and gpus > 1 and self.workers_per_trial not in (1, int(gpus)):
             raise ValueError(f"workers_per_trial is {self.workers_per_trial} but gpus_per_trial is {gpus:g}: a "
                              "multi-GPU trial runs one worker per GPU; drop workers_per_trial")
+        if isinstance(gpus, float | int) and 0 < gpus <= 1 and self.workers_per_trial > 1:
+            n = self.workers_per_trial
+            why = f"1 asks for {n} GPUs" if gpus == 1 else "a fraction would put two NCCL ranks on one GPU"
+            raise ValueError(f"workers_per_trial is {n} but gpus_per_trial is {gpus:g}: each worker of a multi-worker "
+                             f"trial holds a whole GPU ({why}); set gpus_per_trial: {n}, or workers_per_trial: 1")
         return self
 
     def workers(self, gpus: float) -> int:
         """Data-parallel workers of a trial that gets `gpus` GPUs (after 'auto' is resolved)."""
         return int(gpus) if gpus > 1 else self.workers_per_trial
+
+    def resolve_gpus(self, cluster_gpus: float) -> float:
+        """`gpus_per_trial`, with 'auto' resolved: one GPU per worker where Ray sees a GPU, else 0."""
+        if self.gpus_per_trial != "auto":
+            return float(self.gpus_per_trial)
+        return float(self.workers_per_trial) if cluster_gpus >= 1 else 0.0
 
 
 class StatsConfig(_Strict):

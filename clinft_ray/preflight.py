@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from clinft_ray.config import JudgeConfig, Resources, StudyConfig
+from clinft_ray.config import JudgeConfig, Resources, Study, StudyConfig
 from clinft_ray.errors import PreflightError
+from clinft_ray.spaces import param_values
 from clinft_ray.tracking import redact_uri
 
 TRACKING_TIMEOUT_S = 5.0
@@ -43,15 +44,14 @@ class TrialResources:
 
 def trial_resources(resources: Resources, cluster: dict[str, float]) -> TrialResources:
     """What one trial asks for, checked against what the cluster has in all.
-    `gpus_per_trial: auto` is 1 where Ray sees a GPU, else 0."""
-    gpus = resources.gpus_per_trial
-    if gpus == "auto":
-        gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
+    `gpus_per_trial: auto` is one GPU per worker where Ray sees a GPU, else 0."""
+    gpus = resources.resolve_gpus(cluster.get("GPU", 0))
     workers = resources.workers(gpus)
     per_worker_gpus = gpus / workers if gpus > 1 else gpus
     have_gpus, have_cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)
     if gpus > have_gpus:
-        raise PreflightError(f"resources.gpus_per_trial is {gpus:g} but Ray sees {have_gpus:g} GPUs; lower it "
+        auto = f" (auto: one per worker, workers_per_trial {workers})" if resources.gpus_per_trial == "auto" else ""
+        raise PreflightError(f"resources.gpus_per_trial is {gpus:g}{auto} but Ray sees {have_gpus:g} GPUs; lower it "
                              "(0 runs on CPU) or add GPU nodes")
     need = resources.cpus_per_trial * workers + (DRIVER_CPUS if workers > 1 else 0)
     if need > have_cpus:
@@ -179,3 +179,24 @@ def uses_judge(cfg: StudyConfig) -> bool:
     """Whether a task of the study is graded by the judge (summaries, or reasoning with grading: judge)."""
     return cfg.judge is not None and any(t.kind == "summarization" or getattr(t, "grading", "") == "judge"
                                          for t in cfg.tasks)
+
+
+BF16_SMALLEST_UPDATE = 1e-5  # about half a bf16 step at |w| ~ 0.015, the scale of a 7-8B model's weights
+
+
+def precision_warning(study: Study) -> str | None:
+    """A warning when full fine-tuning would store weights in 16 bits and the spaces sweep learning
+    rates whose updates are smaller than half a bf16/fp16 step of a typical weight: the optimizer's
+    update rounds away and such a trial trains nothing (LoRA keeps its adapter in float32, unmerged:
+    see `modeling`)."""
+    cfg = study.config
+    if cfg.model.finetune != "full" or cfg.model.dtype == "float32":
+        return None
+    small = sorted({lr for space in (study.sft_space, study.dpo_space) for lr in param_values(space.learning_rate)
+                    if lr < BF16_SMALLEST_UPDATE}, reverse=True)
+    if not small:
+        return None
+    where = "on a GPU (model.dtype auto)" if cfg.model.dtype == "auto" else f"(model.dtype {cfg.model.dtype})"
+    return (f"model.finetune full keeps the weights in 16 bits {where}, where an update below ~1e-5 rounds away: "
+            f"trials at learning rate {', '.join(f'{v:g}' for v in small)} would train nothing; use finetune: lora, "
+            "or model.dtype: float32 (twice the memory)")

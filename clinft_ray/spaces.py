@@ -107,7 +107,7 @@ Param = Annotated[
 ]
 
 
-def _values(p: Param | None) -> list[float]:
+def param_values(p: Param | None) -> list[float]:
     """The numbers a swept value names: the fixed value, the grid or choices, or the loguniform bounds."""
     if p is None:
         return []
@@ -156,7 +156,7 @@ class SearchSpace(_Strict):
     @classmethod
     def _positive(cls, value: Param | None, info: Any) -> Param | None:
         """A learning rate or beta of 0 or below (or not finite) trains nothing, or backwards."""
-        bad = [v for v in _values(value) if not (math.isfinite(v) and v > 0)]
+        bad = [v for v in param_values(value) if not (math.isfinite(v) and v > 0)]
         if bad:
             raise ValueError(f"{', '.join(f'{v:g}' for v in bad)} {'is' if len(bad) == 1 else 'are'} not positive; every "
                              f"{info.field_name} must be above 0, e.g. "

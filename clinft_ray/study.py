@@ -32,6 +32,7 @@ from clinft_ray.preflight import (
     check_locations,
     check_storage,
     check_tracking,
+    precision_warning,
     trial_resources,
     uses_judge,
 )
@@ -89,6 +90,8 @@ def run_study(study: Study) -> dict[str, Any]:
     study_run = progress.run("study", tracker, lambda: tracker.start(cfg.study, tags={"clinft.kind": "study"}))
     tracker.params(study_run, {"model": cfg.model.name_or_path, "finetune": cfg.model.finetune, "seed": cfg.seed,
                                "tasks": ",".join(t.name for t in cfg.tasks), "alpha": cfg.stats.alpha})
+    if warning := precision_warning(study):
+        log.warning(warning)
     if cfg.mlflow.log_examples:
         log.warning("mlflow.log_examples is %d: test answers of every stage go to MLflow and %s; they may "
                     "contain patient text", cfg.mlflow.log_examples, cfg.output_dir / "examples")
@@ -302,6 +305,9 @@ def ray_environment() -> None:
     # in `datasets`) into the worker logs, pages of bytecode per trial. On a cluster the job's
     # runtime environment (jobs/runtime_env.yaml) sets the same.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # A worker that holds no GPU sees none (Ray's documented switch; `trial.hide_unheld_gpus` does the
+    # same inside workers that do not inherit this environment, on a cluster).
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
 
 
 def start_ray(study: Study) -> TrialResources:

@@ -211,10 +211,17 @@ def device_task(fn: Callable[..., Any], worker: dict[str, float], *args: Any) ->
     """Run `fn(*args)` as a Ray task holding one trial worker's resources (`worker`, a Ray resource
     request); returns its result and the seconds from submission to result, timed here: the devices
     are held from the grant of the task's lease, through its worker's start and imports, to its end,
-    which a clock inside the task would miss (the study submits these one at a time, between sweeps)."""
+    which a clock inside the task would miss (the study submits these one at a time, between sweeps).
+
+    A task that holds a GPU runs in a worker process that exits when it ends (`max_calls=1`): a Ray
+    worker otherwise lives on for the next task, holding its CUDA context and PyTorch's cached memory
+    (the model's weights and the scoring peak, 30-60 GB for an 8B model), and the next trial on that
+    GPU would start with that much less. `max_calls` is a decorator argument (`.options()` refuses
+    it), so the resources go there too. A CPU-only task keeps its warm worker."""
     import ray
 
-    remote = ray.remote(fn).options(num_cpus=worker.get("CPU", 1), num_gpus=worker.get("GPU", 0))
+    gpus = worker.get("GPU", 0)
+    remote = ray.remote(num_cpus=worker.get("CPU", 1), num_gpus=gpus, max_calls=1 if gpus else 0)(fn)
     start = time.monotonic()
     result = ray.get(remote.remote(*args))
     return result, time.monotonic() - start

@@ -59,13 +59,27 @@ def quiet_libraries() -> None:
 
 
 def quiet_worker(threads: float) -> None:
-    """Inside a trial or scoring task: one torch thread per allocated CPU, and quiet libraries."""
+    """Inside a trial or scoring task: no GPU it does not hold, one torch thread per allocated CPU, and
+    quiet libraries."""
+    hide_unheld_gpus()
     import torch
 
     torch.set_num_threads(max(1, int(threads)))
     quiet_libraries()
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
+
+
+def hide_unheld_gpus() -> None:
+    """In a Ray worker that holds no GPU, CUDA sees none. Since Ray 2.49 a worker given zero GPUs keeps
+    the node's `CUDA_VISIBLE_DEVICES` (unset: every GPU), so a `gpus_per_trial: 0` trial on a GPU node
+    would train on GPUs other trials hold (and TRL's DPO refuses `n_gpu > 1`). Set before CUDA starts
+    (the driver also sets Ray's RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO, `study.ray_environment`, which
+    does the same where the workers inherit the driver's environment)."""
+    import ray
+
+    if ray.is_initialized() and not ray.get_runtime_context().get_accelerator_ids().get("GPU"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def without_printer(trainer: Any) -> Any:
