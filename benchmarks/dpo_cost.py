@@ -5,7 +5,7 @@
 
 For each shape (prompt tokens : answer tokens : batch size) it trains the same random-weight Llama on
 the same rows with the same optimizer (AdamW; TRL's default arguments as clinft-ray's trials use them,
-activation checkpointing included) and times optimizer steps with a `TrainerCallback` (forward,
+with activation checkpointing on, as trials on a GPU run; on CPU trials run without it) and times optimizer steps with a `TrainerCallback` (forward,
 backward and optimizer step). Each method gets `--rounds` `train()` calls of `--warmup` + `--steps`
 steps; warm-up steps are dropped and the median of the rest is reported:
 
@@ -27,7 +27,8 @@ more tokens by 384+ wide, which oneDNN runs near its peak, so Python and dispatc
 a vocabulary of 2048 keeps the LM head (2*384*2048 = 1.6 MFLOPs a token) to about 10% of a token's
 forward (15.7 MFLOPs), close to real models (Llama-3-8B: 1.05 of 16 GFLOPs), instead of letting a
 toy-sized layer stack make the head dominate. The 8B preset reports tokens/s and MFU (model FLOPs of
-the tokens each method feeds the model, over the GPU's dense bf16 peak); it has not been run here
+the tokens each method feeds the model, the LM head at the answer tokens only and TRL's live
+reference forward included, over the GPU's dense bf16 peak, PCIe and SXM parts told apart); it has not been run here
 (no GPU).
 """
 
@@ -57,7 +58,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
            "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0},
 }
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+# NVIDIA's dense bf16 tensor peaks, most specific name first: the PCIe and NVL H100s run well below the
+# SXM part. A GPU not listed gets NaN: pass --peak-tflops.
+PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                    ("A100", 312.0), ("L40S", 362.0)]
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,7 @@ def trainer_args(cls: type, out: str, steps: int, batch: int, dtype: torch.dtype
     from clinft_ray.trial import trainer_kwargs
 
     space = SearchSpace(stage="sft", learning_rate={"grid": [1e-5]}, max_steps=steps, eval_steps=steps, batch_size=batch)
-    common = trainer_kwargs(space, {"learning_rate": 1e-5}, 0, dtype, out)
+    common = trainer_kwargs(space, {"learning_rate": 1e-5}, 0, dtype, out, activation_checkpointing=True)
     return cls(**{**common, "eval_strategy": "no", "logging_steps": 10_000, "dataloader_drop_last": True}, **extra)
 
 
@@ -279,33 +283,44 @@ def measure(shape: Shape, opts: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def model_flops_per_token(context: int, opts: argparse.Namespace) -> float:
-    """Training FLOPs of one token at `context` tokens of attention: forward 2N, backward 4N (full) or 2N
-    (LoRA: no weight gradients of the frozen base), plus attention (4 * layers * hidden * context
-    forward, twice that backward); activation recompute is not counted, as usual for MFU."""
+def model_flops(tokens: int, scored: int, context: float, opts: argparse.Namespace, train: bool = True) -> float:
+    """Model FLOPs of one pass over `tokens` tokens of mean attention context `context`, `scored` of
+    which go through the LM head (TRL's fused head projects only the positions with a label: the
+    answer tokens). Forward 2 x parameters; backward twice the forward for full fine-tuning, once
+    for LoRA (no weight gradients of the frozen base, input gradients only); attention 4 x layers x
+    hidden x context forward, twice that backward. Activation recompute is not counted, as usual
+    for MFU; `train=False` is a forward alone (a live reference)."""
     p = PRESETS[opts.preset]
     h, layers, inter, vocab = p["hidden_size"], p["num_hidden_layers"], p["intermediate_size"], p["vocab_size"]
     kv = h * p["num_key_value_heads"] // p["num_attention_heads"]
-    params = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + h * vocab
-    attention = 4 * layers * h * context
-    return (2 + (2 if opts.lora else 4)) * params + 3 * attention
+    body, head = layers * (2 * h * h + 2 * h * kv + 3 * h * inter), h * vocab
+    factor = 1 + ((1 if opts.lora else 2) if train else 0)  # forward, plus backward
+    attention = 4 * layers * h * context * (3 if train else 1)
+    return tokens * (2 * body * factor + attention) + scored * 2 * head * factor
+
+
+def peak_tflops(name: str, opts: argparse.Namespace) -> float:
+    return opts.peak_tflops or next((v for key, v in PEAK_BF16_TFLOPS if key in name), math.nan)
 
 
 def throughput(shape: Shape, opts: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
-    """Tokens fed to the model per second and MFU, per method (GPU runs only)."""
+    """Tokens fed to the model per second and MFU, per method (GPU runs only). TRL's stock DPO is
+    counted with the live reference forward it runs every step (over the same rows, no backward);
+    clinft-ray's packed step reads the shared reference (its share is in `dpo_step_s`, not here)."""
     name = torch.cuda.get_device_name()
-    peak = opts.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), math.nan)
+    peak = peak_tflops(name, opts)
     b, p, a = shape.batch, shape.prompt, shape.answer
-    fed = {  # (tokens per step, mean attention context)
-        "sft": (b * (p + a), (p + a) / 2),
-        "dpo": (b * (p + 2 * a + 1), (p + 2 * a + 1) / 2),
-        "trl_dpo": (2 * b * (p + a), (p + a) / 2),
+    flops = {
+        "sft": (b * (p + a), model_flops(b * (p + a), b * a, (p + a) / 2, opts)),
+        "dpo": (b * (p + 2 * a + 1), model_flops(b * (p + 2 * a + 1), 2 * b * a, (p + 2 * a + 1) / 2, opts)),
+        "trl_dpo": (2 * b * (p + a), model_flops(2 * b * (p + a), 2 * b * a, (p + a) / 2, opts)
+                    + model_flops(2 * b * (p + a), 2 * b * a, (p + a) / 2, opts, train=False)),
     }
     res: dict[str, Any] = {"gpu": name, "peak_bf16_tflops": peak}
-    for method, (tokens, context) in fed.items():
+    for method, (tokens, model_flops_per_step) in flops.items():
         seconds = out["packed_step_s" if method == "dpo" else f"{method}_step_s"]
         res[f"{method}_tokens_per_s"] = tokens / seconds
-        res[f"{method}_mfu"] = tokens * model_flops_per_token(int(context), opts) / seconds / (peak * 1e12)
+        res[f"{method}_mfu"] = model_flops_per_step / seconds / (peak * 1e12)
     return res
 
 

@@ -40,13 +40,20 @@ def device() -> str:
 
 
 def torch_dtype(cfg: ModelConfig) -> Any:
-    """The dtype to load weights in; 'auto' is bf16 on a GPU that supports it, else fp32."""
+    """The dtype to load weights in. 'auto': bf16 on a GPU that computes in it natively (compute
+    capability 8.0 and up: A100, H100, L4, RTX 30xx+); on older GPUs (V100, T4), where PyTorch only
+    emulates bf16 at a fraction of the speed, fp16 for LoRA (the adapter trains in fp32 under
+    mixed precision) and fp32 for full fine-tuning (fp16 weights cannot take the optimizer's steps);
+    fp32 on CPU."""
     import torch
 
-    if cfg.dtype == "auto":
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    return getattr(torch, cfg.dtype)
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    if not torch.cuda.is_available():
+        return torch.float32
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return torch.float16 if cfg.finetune == "lora" else torch.float32
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:

@@ -108,8 +108,9 @@ def _namespaced(logs: dict[str, Any]) -> dict[str, float]:
 
 class GpuStats:
     """Peak memory and mean utilization of a trial's GPUs between two reads (NVIDIA only): peak
-    memory from torch, utilization sampled every `every_s` by nvidia-ml-py when it is installed
-    (`pip install 'clinft-ray[gpu]'`). Empty on a machine without a GPU."""
+    memory from torch (reset at each read, so each row has its interval's peak), utilization sampled
+    every `every_s` by nvidia-ml-py when it is installed (`pip install 'clinft-ray[gpu]'`) and NVML
+    reports it (not for MIG instances). Empty on a machine without a GPU."""
 
     def __init__(self, every_s: float = 2.0):
         import torch
@@ -123,9 +124,7 @@ class GpuStats:
             import pynvml
 
             pynvml.nvmlInit()
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")  # Ray sets it to the trial's GPUs
-            ids = [int(x) for x in visible.split(",") if x.strip().isdigit()] or range(pynvml.nvmlDeviceGetCount())
-            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in ids]
+            self.handles = nvml_handles(pynvml, os.environ.get("CUDA_VISIBLE_DEVICES"))
         except Exception:  # no nvidia-ml-py or no NVML: peak memory only
             self.handles = []
         if self.handles:
@@ -136,7 +135,10 @@ class GpuStats:
 
         while True:
             time.sleep(every_s)
-            rates = [pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles]
+            try:
+                rates = [pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles]
+            except pynvml.NVMLError:  # MIG instances have no utilization counter
+                return
             self.samples.append(sum(rates) / len(rates))
 
     def read(self) -> dict[str, float]:
@@ -145,10 +147,22 @@ class GpuStats:
         import torch
 
         out = {"system/gpu_peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
+        torch.cuda.reset_peak_memory_stats()
         samples, self.samples = self.samples, []
         if samples:
             out["system/gpu_utilization_pct"] = sum(samples) / len(samples)
         return out
+
+
+def nvml_handles(pynvml: Any, visible: str | None) -> list[Any]:
+    """NVML handles of the GPUs `CUDA_VISIBLE_DEVICES` names (what Ray gives the worker): indices, or
+    UUIDs (`GPU-...`, `MIG-...`, as on MIG nodes and some Kubernetes device plugins); every GPU when
+    it is unset."""
+    if visible is None:
+        return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    names = [x.strip() for x in visible.split(",") if x.strip()]
+    return [pynvml.nvmlDeviceGetHandleByIndex(int(x)) if x.isdigit() else pynvml.nvmlDeviceGetHandleByUUID(x)
+            for x in names]
 
 
 class TuneReporter:
@@ -212,8 +226,10 @@ class DevReport(TrainerCallback):
     """
 
     def __init__(self, score: Callable[[Any], Scored], manifest: Callable[[str, int], None], metric: str,
-                 reporter: Reporter, best: tuple[float, int] = (-math.inf, 0), patience: int | None = None):
+                 reporter: Reporter, best: tuple[float, int] = (-math.inf, 0), patience: int | None = None,
+                 every_rank_scores: bool = False):
         self.score, self.manifest, self.metric, self.reporter = score, manifest, metric, reporter
+        self.every_rank_scores = every_rank_scores
         # the trial's best dev so far and the evals since it (restored when a trial resumes)
         self.best, self.since_best = best
         self.patience = patience
@@ -241,10 +257,10 @@ class DevReport(TrainerCallback):
             self._halt(control, row, "non-finite eval loss")
             return
         start = time.monotonic()
-        scored = self.score(model)  # every worker holds the whole model (DDP) and scores the same dev rows
+        metrics = self.dev_metrics(model)
         self.dev_eval_s += time.monotonic() - start
-        dev = scored.metrics[self.metric]
-        row.update({f"dev/{k}": v for k, v in scored.metrics.items()}, dev_eval_s=self.dev_eval_s)
+        dev = metrics[self.metric]
+        row.update({f"dev/{k}": v for k, v in metrics.items()}, dev_eval_s=self.dev_eval_s)
         row["keep/dev"] = dev if dev > self.best else -math.inf
         self.since_best = 0 if dev > self.best else self.since_best + 1
         self.best = max(self.best, dev)
@@ -253,6 +269,22 @@ class DevReport(TrainerCallback):
             control.should_training_stop = True
         self.pending = row
         control.should_save = True
+
+    def dev_metrics(self, model: Any) -> dict[str, float]:
+        """The dev metrics, the same on every worker of a trial. Under DDP each worker holds the whole
+        model, so rank 0 scores alone (the others would repeat its forwards and its judge calls) and
+        sends the metrics to the others; under FSDP (`every_rank_scores`) a forward needs every rank's
+        shard, so all score, and rank 0's metrics are still the ones every rank acts on: a judge that
+        grades two ranks differently would otherwise make one stop at its plateau while the other
+        trains on, and the collective it waits in would hang."""
+        if self.reporter.world_size == 1:
+            return self.score(model).metrics
+        import torch.distributed as dist
+
+        mine = self.score(model).metrics if self.every_rank_scores or self.reporter.is_chief else None
+        shared = [mine]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
 
     def on_save(self, args, state, control, **kwargs):
         if self.pending is None:  # a save without an eval (the end of training): nothing to report
@@ -309,17 +341,30 @@ def newest_whole(checkpoint: Any) -> Any:
 
 
 def trainer_kwargs(space: SearchSpace, hp: dict[str, float], seed: int, dtype: Any, output_dir: str,
-                   world_size: int = 1, strategy: str = "ddp") -> dict[str, Any]:
+                   world_size: int = 1, strategy: str = "ddp",
+                   activation_checkpointing: bool | str = "auto") -> dict[str, Any]:
     """The `TrainingArguments` both stages share: schedule from the space, swept lr, no HF saving
     (checkpoints go through Tune), eval every `eval_steps`. With several workers the space's batch
-    size stays the global batch (split across them), so a sweep means the same on 1 or 8 GPUs."""
+    size stays the global batch (split across them), so a sweep means the same on 1 or 8 GPUs.
+
+    Activation checkpointing (`model.activation_checkpointing`; TRL turns it on by default) is on
+    where a GPU trains and off on CPU with `auto`; under FSDP it is FSDP's own, which recomputes
+    inside each sharded block instead of gathering the block's weights once more for the recompute."""
     import torch
 
     cuda = torch.cuda.is_available()
     if space.batch_size % world_size:
         raise ValueError(f"batch_size {space.batch_size} does not split over {world_size} workers; make it a multiple")
     per_device = space.batch_size // world_size
+    recompute = cuda if activation_checkpointing == "auto" else bool(activation_checkpointing)
     fsdp = {"fsdp": "full_shard auto_wrap"} if strategy == "fsdp" and world_size > 1 else {}
+    if fsdp:
+        fsdp["fsdp_config"] = {"activation_checkpointing": recompute}
+        recompute = False
+    # DDP looks for unused parameters after every backward when told to, which transformers does for
+    # any model that is not a PreTrainedModel (a PeftModel is not): every trainable parameter (the
+    # adapter, or all weights) is used in every forward here, so the search is pure cost.
+    ddp = {"ddp_find_unused_parameters": False} if strategy == "ddp" and world_size > 1 else {}
     return {
         "output_dir": output_dir,
         "max_steps": space.max_steps,
@@ -341,7 +386,9 @@ def trainer_kwargs(space: SearchSpace, hp: dict[str, float], seed: int, dtype: A
         "bf16": cuda and dtype == torch.bfloat16,
         "fp16": cuda and dtype == torch.float16,
         "disable_tqdm": True,
+        "activation_checkpointing": recompute,
         **fsdp,
+        **ddp,
     }
 
 
@@ -373,13 +420,14 @@ def run_trial(hp: dict[str, Any], reporter: Reporter, *, study: Study, task: Tas
     resume, best = resume_point(reporter)  # a retried or resumed trial goes on from its latest checkpoint
     with tempfile.TemporaryDirectory() as scratch:
         common = trainer_kwargs(space, hp, cfg.seed, torch_dtype(cfg.model), scratch, reporter.world_size,
-                                cfg.resources.strategy)
+                                cfg.resources.strategy, cfg.model.activation_checkpointing)
         trainer = make_trainer(
             args=make_args(common),
             train_dataset=Dataset.from_list(rows("train", train, chat)),
             eval_dataset=Dataset.from_list(rows("eval", evl, chat)),
             processing_class=tok,
             peft_config=peft_config(cfg.model),
-            callbacks=[DevReport(score, manifest, task.metric, reporter, best, space.patience)],
+            callbacks=[DevReport(score, manifest, task.metric, reporter, best, space.patience,
+                                 every_rank_scores=cfg.resources.strategy == "fsdp")],
         )
         without_printer(trainer).train(resume_from_checkpoint=resume)

@@ -111,3 +111,20 @@ def test_lora_updates_below_bf16_resolution_survive_in_the_model_that_is_scored(
     assert not list((tmp_path / "dpo").glob(f"{STACKED}_*")), "the SFT adapter is the parent's, not copied"
     assert not torch.equal(tuned, trained)
     assert torch.equal(_logits(load_model(cfg, tmp_path / "dpo"), ids), tuned)
+
+
+@pytest.mark.parametrize(("native_bf16", "finetune", "expected"), [
+    (True, "lora", "bfloat16"), (True, "full", "bfloat16"),
+    (False, "lora", "float16"), (False, "full", "float32"),  # V100 / T4: bf16 only emulated
+])
+def test_auto_dtype_is_bf16_only_where_the_gpu_computes_in_it(monkeypatch, native_bf16, finetune, expected):
+    import torch
+
+    from clinft_ray.config import ModelConfig
+    from clinft_ray.modeling import torch_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16
+                        or including_emulation)
+    assert torch_dtype(ModelConfig(name_or_path="m", finetune=finetune)) == getattr(torch, expected)
+    assert torch_dtype(ModelConfig(name_or_path="m", dtype="float32")) == torch.float32
