@@ -38,3 +38,23 @@ def test_gpu_peaks_tell_pcie_from_sxm_parts():
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", opts) == 312.0
     assert math.isnan(bench.peak_tflops("Tesla T4", opts))
     assert bench.peak_tflops("Tesla T4", argparse.Namespace(peak_tflops=65.0)) == 65.0
+
+
+def test_the_gpu_check_runs_end_to_end_on_cpu_in_its_dry_run():
+    """benchmarks/gpu_check.py is what a lent GPU runs, once: its dry run (tiny model, a Ray of its
+    own with a declared GPU) keeps every code path of it working, so that GPU time is not spent on a
+    typo. It is also where Ray's side of `sweep.device_task` and `trial.hide_unheld_gpus` is tested:
+    a task that held a GPU leaves no worker process behind, a CPU task keeps its warm worker, and a
+    worker given no GPU sees none."""
+    import json
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout[done.stdout.index("{\n"):])
+    ran = {"dtype_auto", "scoring_head_fp32_error", "lora_bf16_update_survives", "merged_updates_kept",
+           "gpu_task_releases_memory", "zero_gpu_worker_sees_gpus", "cpu_task_worker_reused"}
+    assert {k for k in ran if out[k]["ok"] is True} == ran, json.dumps(out, indent=1)
+    assert out["scoring_peak_growth_gb"]["skipped"] and out["dpo_cost"]["skipped"]  # GPU only
+    assert out["all_ok"] is True and out["dtype_auto"]["value"] == "float32"
