@@ -324,6 +324,12 @@ class StudyConfig(_Strict):
         if needs and self.judge is None:
             raise ValueError(f"tasks {needs} are graded by a judge but the config has no judge: section; add "
                              "judge: {base_url: ..., model: ...}")
+        if self.resources.strategy == "fsdp" and self.model.finetune == "lora":
+            # transformers' FSDP save gathers the whole model to rank 0 at every checkpoint to keep the
+            # adapter, and adapter-only gathering cannot be tested here (Trainer runs FSDP on GPUs only)
+            raise ValueError("resources.strategy fsdp with model.finetune lora is not supported: every checkpoint "
+                             "would gather the whole model to save the adapter; a LoRA trial of a 7-8B model fits "
+                             "one GPU, so use strategy: ddp (or finetune: full for FSDP)")
         return self
 
 

@@ -53,6 +53,9 @@ def trial_resources(resources: Resources, cluster: dict[str, float]) -> TrialRes
         auto = f" (auto: one per worker, workers_per_trial {workers})" if resources.gpus_per_trial == "auto" else ""
         raise PreflightError(f"resources.gpus_per_trial is {gpus:g}{auto} but Ray sees {have_gpus:g} GPUs; lower it "
                              "(0 runs on CPU) or add GPU nodes")
+    if resources.strategy == "fsdp" and workers > 1 and not gpus:
+        raise PreflightError("resources.strategy is fsdp but the trial has no GPU: transformers runs FSDP on GPUs "
+                             "only (on CPU it would quietly train unsharded); use strategy: ddp on CPU")
     need = resources.cpus_per_trial * workers + (DRIVER_CPUS if workers > 1 else 0)
     if need > have_cpus:
         raise PreflightError(f"resources: a trial needs {need:g} CPUs ({workers} workers x {resources.cpus_per_trial:g}"

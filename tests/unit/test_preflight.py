@@ -43,6 +43,7 @@ def test_trial_resources(resources, cluster, expected):
         ({"workers_per_trial": 2}, {"CPU": 2.0}, "needs 2.01 CPUs (2 workers x 1 + its driver)"),
         ({"workers_per_trial": 2}, ONE_GPU_NODE, "gpus_per_trial is 2 (auto: one per worker, workers_per_trial 2) "
                                                  "but Ray sees 1 GPUs"),
+        ({"workers_per_trial": 2, "strategy": "fsdp"}, {"CPU": 4.0}, "transformers runs FSDP on GPUs only"),
     ],
 )
 def test_a_trial_the_cluster_cannot_hold_is_refused_before_it_waits(resources, cluster, message):
@@ -56,10 +57,11 @@ def test_a_trial_the_cluster_cannot_hold_is_refused_before_it_waits(resources, c
      ({"gpus_per_trial": 4, "workers_per_trial": 2}, "one worker per GPU"),
      # validated, these would wait forever for a second GPU, or put two NCCL ranks on one
      ({"gpus_per_trial": 1, "workers_per_trial": 2}, r"1 asks for 2 GPUs\); set gpus_per_trial: 2"),
-     ({"gpus_per_trial": 0.5, "workers_per_trial": 2}, "two NCCL ranks on one GPU")],
+     ({"gpus_per_trial": 0.5, "workers_per_trial": 2}, "two NCCL ranks on one GPU"),
+     ({"gpus_per_trial": 2, "strategy": "fsdp", "finetune": "lora"}, "fsdp with model.finetune lora is not supported")],
 )
 def test_impossible_resource_configs_are_config_errors(demo_dir, resources, message):
-    sets = [f"resources.{k}={v}" for k, v in resources.items()]
+    sets = [f"{'model' if k == 'finetune' else 'resources'}.{k}={v}" for k, v in resources.items()]
     with pytest.raises(ConfigError, match=message):
         load_study(demo_dir / "study.yaml", sets)
 
