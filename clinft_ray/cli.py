@@ -32,8 +32,14 @@ log = logging.getLogger("clinft")
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clinft", description="SFT then DPO on clinical tasks, with statistics.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+    parser.add_argument("--version", action="version", version=f"clinft-ray {package_version()}")
     common = argparse.ArgumentParser(add_help=False)  # SUPPRESS: `clinft --debug run` and `clinft run --debug`
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    loud = common.add_mutually_exclusive_group()
+    loud.add_argument("--verbose", action="store_const", const="verbose", dest="console", default=argparse.SUPPRESS,
+                      help="also print Ray Tune's status tables")
+    loud.add_argument("--quiet", action="store_const", const="quiet", dest="console", default=argparse.SUPPRESS,
+                      help="print the results, warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("run", "run a study"), ("validate", "check a study's config, data, outputs and services")):
         p = sub.add_parser(name, help=help_, parents=[common])
@@ -58,8 +64,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="clinft: %(message)s", stream=sys.stderr)
-    logging.getLogger("clinft").setLevel(logging.INFO)
+    # Read when ray.tune is first imported, before `study.ray_environment` runs (see there).
+    os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "10")
+    if getattr(args, "console", None):
+        os.environ["CLINFT_CONSOLE"] = args.console  # read by the sweep (`console.level`)
+    console_logging(os.environ.get("CLINFT_CONSOLE", "normal"))
     try:
         from clinft_ray.trial import quiet_libraries
 
@@ -88,6 +97,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clinft: error: unexpected {type(exc).__name__} in {where(exc)}; the traceback is in "
               f"{crash_log(exc)} (or rerun with --debug to see it here)", file=sys.stderr)
         return 1
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("clinft-ray")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+class ConsoleFormat(logging.Formatter):
+    """clinft's own lines as `clinft: ...`; another library's under its own name and level, so that
+    nothing of theirs reads as clinft's."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == "clinft" or record.name.startswith("clinft."):
+            return f"clinft: {record.getMessage()}"
+        return f"{record.name}: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def console_logging(level: str) -> None:
+    """clinft's lines on stderr (warnings and errors only with --quiet), other libraries' warnings
+    under their names, and not MLflow's routine INFO lines (creating its database tables)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(ConsoleFormat())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    logging.getLogger("clinft").setLevel(logging.WARNING if level == "quiet" else logging.INFO)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def where(exc: BaseException) -> str:

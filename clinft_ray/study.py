@@ -87,7 +87,8 @@ def run_study(study: Study) -> dict[str, Any]:
     tracker.send_saved(held)
     if progress.resumed:
         log.info("study %s was interrupted in %s: going on where it stopped", cfg.study, cfg.output_dir)
-    study_run = progress.run("study", tracker, lambda: tracker.start(cfg.study, tags={"clinft.kind": "study"}))
+    study_run = progress.run("study", tracker, lambda: tracker.start(cfg.study, tags={"clinft.kind": "study",
+                                                                                        "clinft.level": "study"}))
     tracker.params(study_run, {"model": cfg.model.name_or_path, "finetune": cfg.model.finetune, "seed": cfg.seed,
                                "tasks": ",".join(t.name for t in cfg.tasks), "alpha": cfg.stats.alpha})
     if warning := precision_warning(study):
@@ -145,7 +146,8 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
     (without statistics: `outputs.publish` adds them) and its sweeps. Steps `progress` holds as done
     (the study is resuming) are taken from it, not run again."""
     task_run = progress.run(task.name, tracker,
-                            lambda: tracker.start(task.name, parent=study_run, tags={"clinft.task": task.name}))
+                            lambda: tracker.start(task.name, parent=study_run,
+                                                          tags={"clinft.task": task.name, "clinft.level": "task"}))
     for s in SPLITS:  # fingerprints, not content: tells datasets apart without patient text
         path = getattr(task.splits, s)
         tracker.params(task_run, {f"data.{s}.sha256": fingerprint(path), f"data.{s}.rows": len(data[s])})
@@ -155,7 +157,7 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
     if (done := progress.get(f"{task.name}/base")) is None:
         log.info("[%s] base model on test", task.name)
         base_run = progress.run(f"{task.name}/base", tracker, lambda: tracker.start(
-            "base", parent=task_run, tags={"clinft.task": task.name, "clinft.stage": "base"}))
+            "base", parent=task_run, tags={"clinft.task": task.name, "clinft.stage": "base", "clinft.level": "stage"}))
         base = evaluate(study, task, None, resources, with_dev=True)
         log_examples(study, tracker, base_run, task.name, "base", base.test, data["test"])
         done = {"entry": log_base(tracker, base_run, base), "test": scored_to_json(base.test)}
@@ -308,6 +310,13 @@ def ray_environment() -> None:
     # A worker that holds no GPU sees none (Ray's documented switch; `trial.hide_unheld_gpus` does the
     # same inside workers that do not inherit this environment, on a cluster).
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
+    # Tune's CSV and JSON loggers are added by `sweep.run_sweep`; its TensorBoard logger is not wanted.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Tune warns when a callback takes over 0.5 s; a trial's MLflow writes on a busy sqlite store can,
+    # and nothing is wrong (read when ray.tune is imported: `clinft` sets it first). MLflow's routine
+    # INFO lines (creating its tables) are not clinft's news.
+    os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "10")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def start_ray(study: Study) -> TrialResources:

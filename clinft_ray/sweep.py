@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clinft_ray.config import Study, TaskConfig
+from clinft_ray.console import TrialConsole
 from clinft_ray.errors import StudyError
 from clinft_ray.modeling import checkpoint_ref
 from clinft_ray.preflight import DRIVER_CPUS, TrialResources
@@ -94,7 +95,15 @@ def run_sweep(trainable: Any, *, name: str, space: SearchSpace, storage_path: st
     stay finished, the others go on from their latest checkpoints, failed ones get their retries again.
     """
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    from clinft_ray.console import tune_verbosity
+
+    # Tune's CSV and JSON results (what `ResultGrid` reads back), not its TensorBoard files: MLflow holds
+    # the curves, and TensorBoard's writer warns "NaN or Inf found in input tensor" at every -inf
+    # `keep/dev` a trial reports, which reads like a diverging loss (the study sets
+    # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS, `study.ray_environment`).
+    callbacks = [*callbacks, CSVLoggerCallback(), JsonLoggerCallback()]
     experiment = f"{storage_path.rstrip('/')}/{name}"
     if resume and tune.Tuner.can_restore(experiment):
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
@@ -124,7 +133,7 @@ def run_sweep(trainable: Any, *, name: str, space: SearchSpace, storage_path: st
             checkpoint_config=tune.CheckpointConfig(  # the best on dev, and Ray keeps the latest too
                 num_to_keep=1, checkpoint_score_attribute="keep/dev", checkpoint_score_order="max"
             ),
-            verbose=1,
+            verbose=tune_verbosity(),  # Tune's status tables with --verbose; `console.TrialConsole` otherwise
         ),
     )
     return tuner.fit()
@@ -190,16 +199,19 @@ def run_stage(stage: str, study: Study, task: TaskConfig, tracker: Tracker, task
     tags = {"clinft.task": task.name, "clinft.stage": stage, **(tags or {})}
     key = f"{task.name}/{stage}"
     resume = progress.started(key)
-    stage_run = progress.run(key, tracker, lambda: tracker.start(stage, parent=task_run, tags=tags))
+    stage_run = progress.run(key, tracker, lambda: tracker.start(stage, parent=task_run,
+                                                                  tags={**tags, "clinft.level": "stage"}))
     fixed = {"max_steps": space.max_steps, "eval_steps": space.eval_steps, "batch_size": space.batch_size,
              "seed": cfg.seed, "model": cfg.model.name_or_path, "finetune": cfg.model.finetune, **(fixed or {})}
     runs = TrialRuns(tracker, stage_run, resources.total(), cfg.cost, fixed_params=fixed, tags=tags)
+    name = f"{task.name}-{stage}"
+    console = TrialConsole(key, name, task.metric, space.max_steps, space.num_trials())
     grid = run_sweep(
         trainable(train, resources, cfg.storage_path, task.metric),
-        name=f"{task.name}-{stage}",
+        name=name,
         space=space,
         storage_path=cfg.storage_path,
-        callbacks=[runs],
+        callbacks=[runs, console],
         retries=cfg.trial_retries,
         resume=resume,
         metric=task.metric,

@@ -2,11 +2,15 @@
 
 Layout of a study in MLflow (one experiment per study):
 
-    study run                      clinft.kind=study
-      task run (one per task)      clinft.task=<task>      sums of GPU/CPU-hours, dpo_sft_cost_ratio
-        stage run base|sft|dpo     clinft.stage=<stage>    selected hyperparameters, dev/test metrics
-          trial run (sft, dpo)     params, curves train/loss eval/loss dev/<metric>, gpu_hours, cpu_hours
-                                   (dpo trials: clinft.init_from = run id of the selected SFT trial)
+    study run                      clinft.level=study      (and clinft.kind=study)
+      task run (one per task)      clinft.level=task       clinft.task=<task>; sums of GPU/CPU-hours, dpo_sft_cost_ratio
+        stage run base|sft|dpo     clinft.level=stage      clinft.stage=<stage>; selected hyperparameters, dev/test metrics
+          trial run (sft, dpo)     clinft.level=trial      clinft.stage too; params, curves train/loss eval/loss
+                                                           dev/<metric>, gpu_hours, cpu_hours (dpo trials:
+                                                           clinft.init_from = run id of the selected SFT trial)
+
+The experiment has the tag mlflow.experimentKind=custom_model_development, so MLflow 3's UI opens it
+on its runs and model metrics.
 
 Runs are created and written from the driver only, through explicit run ids (`MlflowClient`), so a
 sqlite store never sees concurrent writers and no global "active run" is involved. Only numbers,
@@ -64,7 +68,7 @@ def error_kind(error: BaseException | None) -> str:
     return type(getattr(error, "cause", None) or error).__name__
 
 
-def _trial_error(trial: Any) -> BaseException | None:
+def trial_error(trial: Any) -> BaseException | None:
     """The exception a failed trial raised. Tune pickles it next to the trial's driver-side files
     before calling `on_trial_error`; the copy in storage only appears after the next sync."""
     path = Path(getattr(trial, "pickled_error_file", "") or "")
@@ -109,6 +113,9 @@ def unreachable(error: BaseException) -> bool:
             and str(error.message).startswith("API request to "))
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
 class Tracker:
     """Creates the study's runs and logs to them by id, through an outbox that rides out outages."""
 
@@ -136,6 +143,9 @@ class Tracker:
             local = artifact_dir is not None and not tracking_uri.startswith(("http://", "https://", "databricks"))
             location = Path(artifact_dir).resolve().as_uri() if local else None
             self.experiment_id = self._wait(lambda: self.client.create_experiment(experiment, artifact_location=location))
+        # MLflow 3 opens an experiment by its kind: model training (runs, model metrics), not the GenAI
+        # overview it otherwise shows an experiment without traces as ("No data").
+        self._wait(lambda: self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, "custom_model_development"))
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks (and this with them) into the experiment state; a restored
@@ -435,7 +445,8 @@ class TrialRuns(Callback):
             return
         # Not waiting for MLflow: a trial starting during an outage trains, its run comes later.
         run = self.tracker.start_later(str(trial), parent=self.stage_run,
-                                       tags={**self.tags, "clinft.trial": str(trial), "clinft.trial_id": trial.trial_id})
+                                       tags={**self.tags, "clinft.level": "trial", "clinft.trial": str(trial),
+                                             "clinft.trial_id": trial.trial_id})
         self.tracker.params(run, {**trial.config, **self.fixed_params})
         self.run_ids[trial.trial_id] = run
 
@@ -489,5 +500,5 @@ class TrialRuns(Callback):
         if run is not None:
             # The exception's type only: a message could quote data. The full traceback stays in
             # Tune's error file inside the output directory.
-            self.tracker.tag(run, "clinft.failure", error_kind(_trial_error(trial)))
+            self.tracker.tag(run, "clinft.failure", error_kind(trial_error(trial)))
         self._finish(trial, "FAILED")

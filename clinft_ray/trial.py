@@ -43,8 +43,8 @@ log = logging.getLogger("clinft")
 
 
 def quiet_libraries() -> None:
-    """No progress bars and no deprecation chatter from the HF stack: the Tune status table is the
-    progress a user watches."""
+    """No progress bars and no deprecation chatter from the HF stack: the trial events of
+    `console.TrialConsole` are the progress a user watches."""
     import datasets
     import huggingface_hub.utils
     import transformers

@@ -5,7 +5,7 @@
     ray job submit ... -- python jobs/study.py demo --out /mnt/shared/clinft-demo   # the built-in demo
 
     ray job list --address http://HEAD:8265
-    ray job logs --address http://HEAD:8265 --follow <submission id>   # the live Tune status table
+    ray job logs --address http://HEAD:8265 --follow <submission id>   # the trial events, live (--verbose: Tune's tables)
     ray job stop --address http://HEAD:8265 <submission id>            # stops every trial; runs -> KILLED
 
 The job's driver runs on the head node and joins the cluster (Ray sets RAY_ADDRESS for it), so the

@@ -152,6 +152,14 @@ def test_demo_study_as_a_ray_job_and_resubmitted(cluster, tmp_path, demo_dir):
     # Ray's own SystemExit there, which is not a failure of the study.
     driver_lines = [line for line in logs.splitlines() if "pid=" not in line]
     assert "results:" in logs and not any("Traceback" in line for line in driver_lines)
+    # A console a person can watch: a line per trial event with the sweep's progress, no Tune status
+    # tables (those come with --verbose), nothing that looks like a problem when none happened.
+    assert "NaN or Inf" not in logs and "Trial status:" not in logs and "== Status ==" not in logs
+    assert "tensorboard" not in logs.lower() and "Configuration for experiment" not in logs
+    events = [line for line in driver_lines if "trial-steps" in line]
+    assert any("started" in e for e in events) and any("dev f1" in e for e in events) \
+        and any("finished, best dev f1" in e for e in events), "\n".join(driver_lines[-60:])
+    assert len(driver_lines) <= 25 * len(trials) + 60, "\n".join(driver_lines)
 
     # The same study again: nothing trains, nothing new in MLflow, the results stay as they were.
     assert _submit(address, env, out, "clinft-demo-2", demo_dir)

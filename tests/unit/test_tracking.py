@@ -142,3 +142,26 @@ def test_writes_still_held_at_the_end_are_saved_and_sent_by_the_next_process(mlf
         assert client.get_run(stage).info.status == "KILLED"
     finally:
         server.back()  # the session's server stays up for the tests after
+
+
+def test_every_filter_the_readme_gives_runs_in_mlflows_own_search(tmp_path):
+    """The README's filter strings go through MLflow's search API (what the UI's search box calls) over
+    runs tagged as a study tags them: each parses, and the cost filter finds the SFT and DPO stage runs
+    and nothing else."""
+    import re
+
+    from mlflow.tracking import MlflowClient
+
+    from helpers import REPO
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("filters")
+    for level, stage in [("study", None), ("task", None), ("stage", "base"), ("stage", "sft"), ("stage", "dpo"),
+                         ("trial", "sft"), ("trial", "dpo")]:
+        client.create_run(experiment, tags={"clinft.level": level, **({"clinft.stage": stage} if stage else {})})
+    filters = re.findall(r"`(tags\.clinft\.[^`]+)`", (REPO / "README.md").read_text())
+    assert filters, "the README gives a filter"
+    found = {f: client.search_runs([experiment], f) for f in filters}  # raises on a filter MLflow refuses
+    cost = [f for f in filters if "!= 'base'" in f]
+    assert [sorted(r.data.tags["clinft.stage"] for r in found[f]) for f in cost] == [["dpo", "sft"]]
+    assert len(found["tags.clinft.level = 'trial'"]) == 2
