@@ -30,7 +30,7 @@ from clinft_ray.preflight import TrialResources
 from clinft_ray.progress import Progress
 from clinft_ray.reference import RefLogps, sweep_reference, with_reference
 from clinft_ray.sweep import StageResult, run_stage
-from clinft_ray.tracking import Tracker
+from clinft_ray.tracking import DataSplit, Tracker
 from clinft_ray.trial import Reporter, run_trial
 
 
@@ -61,7 +61,7 @@ def dpo_train(hp: dict[str, Any], reporter: Reporter, *, study: Study, task: Tas
 
 
 def run_dpo(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, resources: TrialResources,
-            sft: StageResult, progress: Progress) -> StageResult:
+            sft: StageResult, progress: Progress, datasets: list[DataSplit] | None = None) -> StageResult:
     """Driver: compute the reference log-probs once, sweep DPO from the selected SFT checkpoint, log every
     trial under a `dpo` stage run (tagged with the SFT trial's run id), select the best on dev."""
     reference, reference_hours = sweep_reference(study, task, sft.checkpoint, resources.worker(),
@@ -69,5 +69,6 @@ def run_dpo(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, res
     train = partial(dpo_train, study=study, task=task, init_from=sft.checkpoint, reference=reference)
     result = run_stage("dpo", study, task, tracker, task_run, resources, progress, train,
                        tags={"clinft.init_from": sft.selected_run_id},
-                       fixed={"loss_type": study.dpo_space.loss_type, "init_from_step": sft.selected.step})
+                       fixed={"loss_type": study.dpo_space.loss_type, "init_from_step": sft.selected.step},
+                       datasets=datasets)
     return dataclasses.replace(result, hours_by={**result.hours_by, "reference": reference_hours})

@@ -19,7 +19,7 @@ from clinft_ray.modeling import load_base
 from clinft_ray.preflight import TrialResources
 from clinft_ray.progress import Progress
 from clinft_ray.sweep import StageResult, run_stage
-from clinft_ray.tracking import Tracker
+from clinft_ray.tracking import DataSplit, Tracker
 from clinft_ray.trial import Reporter, run_trial
 
 
@@ -35,7 +35,7 @@ def sft_train(hp: dict[str, Any], reporter: Reporter, *, study: Study, task: Tas
 
 
 def run_sft(study: Study, task: TaskConfig, tracker: Tracker, task_run: str, resources: TrialResources,
-            progress: Progress) -> StageResult:
+            progress: Progress, datasets: list[DataSplit] | None = None) -> StageResult:
     """Driver: sweep SFT for one task, log every trial under an `sft` stage run, select the best on dev."""
     return run_stage("sft", study, task, tracker, task_run, resources, progress,
-                     partial(sft_train, study=study, task=task))
+                     partial(sft_train, study=study, task=task), datasets=datasets)

@@ -40,7 +40,15 @@ from clinft_ray.progress import Progress, scored_from_json, scored_to_json, stag
 from clinft_ray.sft import run_sft
 from clinft_ray.sweep import StageResult, device_task
 from clinft_ray.tasks import load_task_split, one_prediction
-from clinft_ray.tracking import HOUR_UNITS, OUTBOX_FILE, Tracker, device_hours, redact_uri, study_tracking_uri
+from clinft_ray.tracking import (
+    HOUR_UNITS,
+    OUTBOX_FILE,
+    DataSplit,
+    Tracker,
+    device_hours,
+    redact_uri,
+    study_tracking_uri,
+)
 
 log = logging.getLogger("clinft")
 
@@ -148,9 +156,10 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
     task_run = progress.run(task.name, tracker,
                             lambda: tracker.start(task.name, parent=study_run,
                                                           tags={"clinft.task": task.name, "clinft.level": "task"}))
-    for s in SPLITS:  # fingerprints, not content: tells datasets apart without patient text
-        path = getattr(task.splits, s)
-        tracker.params(task_run, {f"data.{s}.sha256": fingerprint(path), f"data.{s}.rows": len(data[s])})
+    splits = data_splits(task, data)
+    for split in splits:  # fingerprints, not content: tells datasets apart without patient text
+        tracker.params(task_run, {f"data.{split.context}.sha256": split.sha256, f"data.{split.context}.rows": split.rows})
+    tracker.datasets(task_run, splits)
 
     stages: dict[str, dict[str, Any]] = {}
     scored: dict[str, Scored] = {}
@@ -158,6 +167,7 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
         log.info("[%s] base model on test", task.name)
         base_run = progress.run(f"{task.name}/base", tracker, lambda: tracker.start(
             "base", parent=task_run, tags={"clinft.task": task.name, "clinft.stage": "base", "clinft.level": "stage"}))
+        tracker.datasets(base_run, [d for d in splits if d.context in ("dev", "test")])
         base = evaluate(study, task, None, resources, with_dev=True)
         log_examples(study, tracker, base_run, task.name, "base", base.test, data["test"])
         done = {"entry": log_base(tracker, base_run, base), "test": scored_to_json(base.test)}
@@ -169,8 +179,8 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
         if (done := progress.get(f"{task.name}/{stage}")) is None:
             log.info("[%s] %s sweep: %d trials%s", task.name, stage.upper(), trials,
                      " from the selected SFT checkpoint" if stage == "dpo" else "")
-            sweep = (run_sft(study, task, tracker, task_run, resources, progress) if stage == "sft" else
-                     run_dpo(study, task, tracker, task_run, resources, sweeps["sft"], progress))
+            sweep = (run_sft(study, task, tracker, task_run, resources, progress, splits) if stage == "sft" else
+                     run_dpo(study, task, tracker, task_run, resources, sweeps["sft"], progress, splits))
             log.info("[%s] %s selected %s at step %d (dev %s %.3f)", task.name, stage.upper(), _hp(sweep.hparams),
                      sweep.selected.step, task.metric, sweep.selected.dev)
             scoring = evaluate(study, task, sweep.checkpoint, resources)
@@ -241,6 +251,12 @@ def check_data(study: Study) -> dict[str, dict[str, list[Example]]]:
     if problems:
         raise DataError(problems)
     return data
+
+
+def data_splits(task: TaskConfig, data: dict[str, list[Example]]) -> list[DataSplit]:
+    """A task's splits as MLflow records them (`tracking.DataSplit`): path, sha256, row count."""
+    return [DataSplit(f"{task.name}/{s}", s, str(getattr(task.splits, s)), fingerprint(getattr(task.splits, s)),
+                      len(data[s])) for s in SPLITS]
 
 
 def fingerprint_inputs(study: Study) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from clinft_ray.modeling import checkpoint_ref
 from clinft_ray.preflight import DRIVER_CPUS, TrialResources
 from clinft_ray.selection import Candidate, candidates, select_best
 from clinft_ray.spaces import SearchSpace
-from clinft_ray.tracking import HOUR_UNITS, TRIAL_PARTS, Tracker, TrialRuns, error_kind
+from clinft_ray.tracking import HOUR_UNITS, TRIAL_PARTS, DataSplit, Tracker, TrialRuns, error_kind
 from clinft_ray.trial import Reporter, TrainReporter, TuneReporter
 
 if TYPE_CHECKING:
@@ -190,7 +190,8 @@ def summarize(stage: str, stage_run: str, grid: Any, runs: Any, metric: str, tas
 
 def run_stage(stage: str, study: Study, task: TaskConfig, tracker: Tracker, task_run: str, resources: TrialResources,
               progress: Progress, train: Callable[[dict[str, Any], Reporter], None], *,
-              tags: dict[str, str] | None = None, fixed: dict[str, Any] | None = None) -> StageResult:
+              tags: dict[str, str] | None = None, fixed: dict[str, Any] | None = None,
+              datasets: list[DataSplit] | None = None) -> StageResult:
     """Sweep one stage of one task: its MLflow stage run under `task_run` (`tags` and the fixed params
     `fixed` added to the ones every stage logs), one trial per point of the stage's search space, each
     running `train(hp, reporter)`, and the best candidate on dev."""
@@ -203,7 +204,11 @@ def run_stage(stage: str, study: Study, task: TaskConfig, tracker: Tracker, task
                                                                   tags={**tags, "clinft.level": "stage"}))
     fixed = {"max_steps": space.max_steps, "eval_steps": space.eval_steps, "batch_size": space.batch_size,
              "seed": cfg.seed, "model": cfg.model.name_or_path, "finetune": cfg.model.finetune, **(fixed or {})}
-    runs = TrialRuns(tracker, stage_run, resources.total(), cfg.cost, fixed_params=fixed, tags=tags)
+    datasets = datasets or []
+    if not resume:  # a stage run picked up on a resume has them already
+        tracker.datasets(stage_run, datasets)
+    trained = [d for d in datasets if d.context in ("train", "eval", "dev")]  # a trial never sees test
+    runs = TrialRuns(tracker, stage_run, resources.total(), cfg.cost, fixed_params=fixed, tags=tags, datasets=trained)
     name = f"{task.name}-{stage}"
     console = TrialConsole(key, name, task.metric, space.max_steps, space.num_trials())
     grid = run_sweep(

@@ -33,6 +33,7 @@ MLFLOW_HTTP_REQUEST_MAX_RETRIES; the outbox retries instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -41,6 +42,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -114,6 +116,17 @@ def unreachable(error: BaseException) -> bool:
 
 
 EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """A split as MLflow records it: fingerprints, never rows."""
+
+    name: str  # <task>/<split>
+    context: str  # train | eval | dev | test
+    path: str
+    sha256: str
+    rows: int
 
 
 class Tracker:
@@ -340,6 +353,18 @@ class Tracker:
 
         self._send("log_batch", run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
+    def datasets(self, run_id: RunRef, splits: list[DataSplit]) -> None:
+        """The splits a run used, as MLflow dataset inputs (the run page's Datasets panel): name
+        `<task>/<split>`, the file's sha256 (its first 32 characters as MLflow's digest, the whole in
+        the profile), row count and path; the split as the input's context. No content."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(name=d.name, digest=d.sha256[:32], source_type="local",
+                                       source=json.dumps({"uri": d.path}),
+                                       profile=json.dumps({"num_rows": d.rows, "sha256": d.sha256})),
+                               [InputTag("mlflow.data.context", d.context)]) for d in splits]
+        self._send("log_inputs", run_id, datasets=inputs)
+
     def metrics(self, run_id: RunRef, metrics: dict[str, float], step: int | None = None) -> None:
         """One batch, so a row is in MLflow whole or not at all (a resumed sweep relies on it),
         stamped now: a replay after an outage sends the same row, which MLflow keeps once."""
@@ -397,8 +422,9 @@ class TrialRuns(Callback):
     """
 
     def __init__(self, tracker: Tracker, stage_run: str, resources: dict[str, float], prices: CostConfig,
-                 fixed_params: dict[str, Any], tags: dict[str, str]):
+                 fixed_params: dict[str, Any], tags: dict[str, str], datasets: list[DataSplit] | None = None):
         self.tracker = tracker
+        self.datasets = datasets or []  # what each trial trains, evaluates and is scored on
         self.stage_run = stage_run
         self.resources = resources
         self.prices = prices
@@ -448,6 +474,8 @@ class TrialRuns(Callback):
                                        tags={**self.tags, "clinft.level": "trial", "clinft.trial": str(trial),
                                              "clinft.trial_id": trial.trial_id})
         self.tracker.params(run, {**trial.config, **self.fixed_params})
+        if self.datasets:
+            self.tracker.datasets(run, self.datasets)
         self.run_ids[trial.trial_id] = run
 
     def run_id(self, trial_id: str) -> str:

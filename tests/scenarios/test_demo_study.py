@@ -210,3 +210,33 @@ def test_device_hours_add_up_to_the_time_runs_and_ray_tasks_held(demo, ray_sessi
     ray_seen = sum(t.required_resources.get("CPU", 0) * (t.end_time_ms - t.start_time_ms) / 3.6e6 for t in tasks)
     print(f"Ray tasks: {ray_seen * 3600:.1f} CPU-s as Ray saw them, {accounted * 3600:.1f} accounted")
     assert ray_seen * 0.98 <= accounted <= ray_seen * 1.1 + 20 * len(tasks) / 3600
+
+
+def test_runs_say_their_level_and_the_datasets_they_used(demo):
+    """Every run carries `clinft.level`; the experiment opens in MLflow 3's model view; the task run,
+    each stage run and each trial list the splits they used as MLflow dataset inputs, by fingerprint
+    and row count (never a row), with the split as the input's context."""
+    import hashlib
+
+    study, results, out, client, runs = demo
+    experiment = client.get_experiment(results["mlflow"]["experiment_id"])
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    task_run, stages = _stage_runs(runs, results)
+    levels = {r.data.tags["clinft.level"] for r in runs.values()}
+    assert levels == {"study", "task", "stage", "trial"}
+    assert {r.data.tags["clinft.level"] for r in stages.values()} == {"stage"}
+
+    def inputs(run):
+        got = client.get_run(run.info.run_id).inputs.dataset_inputs
+        return {[t.value for t in d.tags if t.key == "mlflow.data.context"][0]: d.dataset for d in got}
+
+    train = study.config.tasks[0].splits.train
+    sha = hashlib.sha256(Path(train).read_bytes()).hexdigest()
+    task_inputs = inputs(task_run)
+    assert set(task_inputs) == {"train", "eval", "dev", "test"}
+    assert task_inputs["train"].name == "uti/train" and task_inputs["train"].digest == sha[:32]
+    assert json.loads(task_inputs["train"].profile) == {"num_rows": len(Path(train).read_text().splitlines()),
+                                                        "sha256": sha}
+    assert set(inputs(stages["base"])) == {"dev", "test"} and set(inputs(stages["sft"])) == set(task_inputs)
+    trial = _children(runs, stages["dpo"].info.run_id)[0]
+    assert set(inputs(trial)) == {"train", "eval", "dev"}  # a trial never sees test
