@@ -8,13 +8,16 @@ text. `report.md` holds the tables to paste into a paper: per task and outcome, 
 base / SFT / DPO with the paired p-values, the effect sizes with their 95% CIs, the clinical metrics
 (sensitivity, specificity, PPV, NPV) of label tasks, every test metric with the answers that could not
 be read, the selections, and the cost of each stage.
-`report.html` is the same with the figures, to open in a browser or attach.
+`report.html` is the same with the figures embedded (one file that opens correctly when copied
+alone) and what produced it: versions, seeds, data fingerprints, the selection rule.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -194,18 +197,59 @@ def render_report(results: dict[str, Any]) -> str:
     ])
 
 
-def render_html(results: dict[str, Any], figures: list[str]) -> str:
-    """A self-contained page (figures referenced relative to the output directory)."""
-    imgs = "".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(Path(f).stem)}"></figure>' for f in figures)
+LIBRARIES = ("clinft-ray", "torch", "transformers", "trl", "peft", "ray", "mlflow", "scipy")
+SELECTION_RULE = ("per stage, the trial and eval step with the best dev metric among whole checkpoints; ties go "
+                  "to fewer optimizer steps, then to the earlier point of the search space (selection.py)")
+
+
+def provenance_rows(results: dict[str, Any], made: str | None = None) -> Table:
+    """What produced the report: study, model, date, versions, seeds, data fingerprints, selection rule."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    cfg = results.get("config", {})
+    model = cfg.get("model", {})
+    rows = [["study", results.get("study", "")],
+            ["model", f"{model.get('name_or_path', '')} ({model.get('finetune', '')}, {model.get('dtype', '')})"],
+            ["made", made or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())],
+            ["versions", ", ".join(f"{n} {installed(n)}" for n in LIBRARIES)],
+            ["seeds", f"training {cfg.get('seed', '')}, bootstrap {cfg.get('stats', {}).get('seed', '')}"],
+            ["study fingerprint", results.get("fingerprint", "")],
+            ["selection", SELECTION_RULE]]
+    for task in results.get("fingerprint_inputs", {}).get("tasks", []):
+        for split, sha in task.get("splits", {}).items():
+            rows.append([f"data {task['name']}/{split} sha256", sha])
+    return ["", ""], rows
+
+
+def _embedded(figure: Path) -> str:
+    """A figure as an `<img>` whose image is in the page itself (a data: URI), so the file travels alone."""
+    data = base64.b64encode(Path(figure).read_bytes()).decode("ascii")
+    kind = "svg+xml" if Path(figure).suffix == ".svg" else "png"
+    return (f'<figure><img src="data:image/{kind};base64,{data}" alt="{html.escape(Path(figure).stem)}">'
+            f"<figcaption>{html.escape(Path(figure).name)}</figcaption></figure>")
+
+
+def render_html(results: dict[str, Any], figures: list[Path], made: str | None = None) -> str:
+    """One self-contained page: the tables, the figures embedded, and what produced it (`made`: the
+    date to print; now by default)."""
+    imgs = "".join(_embedded(f) for f in figures)
     ratios = "".join(f"<li>{html.escape(r)}</li>" for r in cost_ratios(results))
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
-             "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:100%}")
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:100%}"
+             "figcaption{color:#555;font-size:90%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(results['study'])}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(results['study'])}: base vs SFT vs DPO on test</h1>"
             f"{html_table(results_rows(results))}<p>{html.escape(_caption(results))}</p>"
             f"{html_table(metrics_rows(results))}<h2>Effect sizes</h2>{html_table(effect_rows(results))}"
             f"<h2>Clinical metrics (95% Wilson CIs)</h2>{html_table(clinical_rows(results))}<h2>Selected on dev</h2>{html_table(selection_rows(results))}"
-            f"<h2>Cost</h2>{html_table(cost_rows(results))}<ul>{ratios}</ul><h2>Figures</h2>{imgs}</body></html>")
+            f"<h2>Cost</h2>{html_table(cost_rows(results))}<ul>{ratios}</ul><h2>Figures</h2>{imgs}"
+            f"<h2>How this report was made</h2>{html_table(provenance_rows(results, made))}</body></html>")
 
 
 def write_outputs(out_dir: Path, results: dict[str, Any], outcomes: list[dict[str, Any]],
@@ -216,5 +260,5 @@ def write_outputs(out_dir: Path, results: dict[str, Any], outcomes: list[dict[st
     paths[0].write_text(json.dumps(results, indent=2) + "\n")
     paths[1].write_text("".join(json.dumps(o) + "\n" for o in outcomes))
     paths[2].write_text(render_report(results))
-    paths[3].write_text(render_html(results, [f.relative_to(out).as_posix() for f in figures]))
+    paths[3].write_text(render_html(results, [f for f in figures if f.suffix == ".png"]))
     return paths

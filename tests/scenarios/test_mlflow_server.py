@@ -136,7 +136,8 @@ def test_figures_and_reports_are_artifacts(server_run):
         assert (out / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(root.joinpath("artifacts").rglob("uti_test.png"))  # stored by the server, not locally
     html = (out / "report.html").read_text()
-    assert "<table" in html and "figures/uti_test.png" in html
+    assert "<table" in html and 'alt="uti_test"' in html and "data:image/png;base64," in html
+    assert 'src="figures/' not in html  # nothing it needs lies beside it
 
 
 def _scan(paths: list[Path], needles: list[bytes]) -> list[str]:
