@@ -32,13 +32,9 @@ def level() -> str:
 
 
 def tune_verbosity() -> int:
-    """Ray Tune's `RunConfig(verbose=...)`: its status tables only at the verbose level. Below it,
-    Tune's legacy reporter, which is silent at 0 (the new one prints each sweep's header whatever
-    the verbosity)."""
-    if level() == "verbose":
-        return 2
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    return 0
+    """Ray Tune's `RunConfig(verbose=...)`: its status tables only at the verbose level (below it the
+    study has chosen Tune's legacy reporter, silent at 0: `study.ray_environment`)."""
+    return 2 if level() == "verbose" else 0
 
 
 def short_name(trial_name: str, prefix: str) -> str:

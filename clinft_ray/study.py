@@ -20,6 +20,7 @@ from typing import Any
 
 from clinft_ray.analysis import task_costs
 from clinft_ray.config import SPLITS, Study, TaskConfig
+from clinft_ray.console import level as console_level
 from clinft_ray.data import Example, fingerprint, leakage_problems
 from clinft_ray.dpo import run_dpo
 from clinft_ray.errors import ConfigError, DataError, StudyError
@@ -333,6 +334,10 @@ def ray_environment() -> None:
     # INFO lines (creating its tables) are not clinft's news.
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "10")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Below --verbose, Tune's legacy reporter: silent at verbosity 0, where the new one still prints
+    # each sweep's header table (`console.tune_verbosity`).
+    if console_level() != "verbose":
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 def start_ray(study: Study) -> TrialResources:
