@@ -8,6 +8,8 @@ in seconds with other settings and the study computes it the same way:
   the paired t-test on scores) with its effect sizes, the paired bootstrap CI of the difference of
   each metric (F1 and accuracy, or the judge mean), the p-value adjusted for multiple comparisons
   and whether it is significant;
+- per task and stage, the 95% bootstrap CI of each outcome's metric on test (`test_ci`: the test
+  figure's error bars);
 - per task and stage, for label outcomes (classification, triage), the confusion matrix and the
   sensitivity, specificity, PPV and NPV with Wilson CIs;
 - the cost of every stage and task at the configured prices.
@@ -30,6 +32,7 @@ from clinft_ray.config import ClassificationTask, StudyConfig, TriageTask
 from clinft_ray.stats import (
     CONFIDENCE,
     adjust,
+    bootstrap_ci,
     clinical_metrics,
     f1_codes,
     mcnemar,
@@ -102,6 +105,24 @@ def bootstraps(task: Any, outcome: str, metric: str, cols: dict[str, dict[str, l
     return out
 
 
+def stage_interval(task: Any, outcome: str, metric: str, col: dict[str, list[Any]], n_resamples: int,
+                   seed: int) -> dict[str, Any] | None:
+    """The 95% bootstrap CI of one stage's test `metric` for `outcome` (the test figure's error bars):
+    F1 from the stored gold and predicted labels, accuracy and the judge's mean from the per-example
+    outcome; None for an F1 whose labels were not stored."""
+    values = col[outcome]
+    if not metric.startswith("f1"):
+        return bootstrap_ci(lambda u, axis: np.mean(u, axis=axis), (np.array(values, float),), n_resamples, seed)
+    gold_key, pred_key = label_fields(outcome)
+    sets = label_sets(task)
+    if outcome not in sets or gold_key not in col or pred_key not in col:
+        return None
+    labels, positive = sets[outcome]
+    pos = [labels.index(positive)] if positive is not None else list(range(len(labels)))
+    return bootstrap_ci(lambda g, u, axis: f1_codes(g, u, pos, axis),
+                        (_codes(col[gold_key], labels), _codes(col[pred_key], labels)), n_resamples, seed)
+
+
 def compare(task: Any, outcome_metrics: dict[str, str], cols: dict[str, dict[str, list[Any]]], n_resamples: int,
             seed: int) -> list[dict[str, Any]]:
     """Per outcome and pair: the paired test with its effects and the bootstrap CIs (not yet adjusted)."""
@@ -161,6 +182,10 @@ def study_statistics(cfg: StudyConfig, results: dict[str, Any], rows: list[dict[
         cols = columns(rows, name)
         t["comparisons"] = compare(tasks[name], t["outcomes"], cols, cfg.stats.bootstrap_resamples, cfg.stats.seed)
         t["clinical"] = clinical(tasks[name], cols)
+        for stage in STAGES:
+            t["stages"][stage]["test_ci"] = {
+                metric: stage_interval(tasks[name], outcome, metric, cols[stage], cfg.stats.bootstrap_resamples,
+                                       cfg.stats.seed) for outcome, metric in t["outcomes"].items()}
         everything += t["comparisons"]
     families: dict[Any, list[dict[str, Any]]] = {}
     for c in everything:

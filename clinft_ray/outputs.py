@@ -21,14 +21,14 @@ from pydantic import ValidationError
 from clinft_ray.analysis import STAGES, study_statistics
 from clinft_ray.config import TASK_KINDS, StudyConfig, apply_override, parse_overrides
 from clinft_ray.errors import ConfigError, StudyError, format_errors
-from clinft_ray.figures import cost_bars, eval_curves, outcome_bars
+from clinft_ray.figures import cost_bars, outcome_bars, save, sweep_curves
 from clinft_ray.report import write_outputs
 from clinft_ray.tracking import Tracker, redact_uri
 
 log = logging.getLogger("clinft")
 # What `clinft report` may change: settings that do not change what was trained or scored.
 REPORT_KEYS = ("stats.", "cost.", "mlflow.tracking_uri")
-Curves = dict[str, dict[str, tuple[dict[str, list], tuple[str, int]]]]  # task -> stage -> (curves, selected)
+Curves = dict[str, dict[str, tuple[dict[str, Any], tuple[str, int]]]]  # task -> stage -> (trial curves, selected)
 
 
 def stored_config(cfg: StudyConfig) -> dict[str, Any]:
@@ -50,17 +50,17 @@ def dotted_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def figures_for(cfg: StudyConfig, results: dict[str, Any], curves: Curves) -> dict[str, list[Path]]:
-    """Each task's test bars and eval-loss curves, and the study's cost bars ("" key), as PNGs."""
+    """Each task's test bars and sweep curves, and the study's cost bars ("" key), each as PNG and SVG."""
     folder = cfg.output_dir / "figures"
     folder.mkdir(parents=True, exist_ok=True)
     rule = (f"p < {results['threshold']:.2g}" if results["threshold"] is not None
             else f"Holm-adjusted p < {results['alpha']:g}")
     out: dict[str, list[Path]] = {}
     for name, task in results["tasks"].items():
-        out[name] = [outcome_bars(name, task, rule, folder / f"{name}_test.png")]
+        out[name] = save(outcome_bars(name, task, rule), folder / f"{name}_test.png")
         for stage, (points, selected) in curves.get(name, {}).items():
-            out[name].append(eval_curves(name, stage, points, selected, folder / f"{name}_{stage}_eval_loss.png"))
-    out[""] = [cost_bars(results, folder / "cost.png")]
+            out[name] += save(sweep_curves(name, stage, task["metric"], points, selected), folder / f"{name}_{stage}_sweep.png")
+    out[""] = save(cost_bars(results), folder / "cost.png")
     return out
 
 

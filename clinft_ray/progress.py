@@ -76,5 +76,6 @@ def stage_to_json(stage: StageResult) -> dict[str, Any]:
 
 
 def stage_from_json(data: dict[str, Any]) -> StageResult:
-    curves = {k: [tuple(p) for p in v] for k, v in data["curves"].items()}
+    # progress.json of clinft-ray before the sweep figure kept only the eval-loss points of each trial
+    curves = {k: v if isinstance(v, dict) else {"hparams": {}, "dev": [], "eval_loss": v} for k, v in data["curves"].items()}
     return StageResult(**{**data, "selected": Candidate(**data["selected"]), "curves": curves})

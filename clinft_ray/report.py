@@ -98,13 +98,14 @@ UNPARSED = ("unparsed", "unparsed_rate")
 
 
 def metrics_rows(results: dict[str, Any]) -> Table:
-    """Every test metric of every stage (accuracy beside F1, ROUGE-L beside the judge), and how many
-    of its test answers could not be read ("-" for results written before that was counted)."""
+    """Every test metric of every stage (accuracy beside F1, ROUGE-L beside the judge; the compared
+    metric with its 95% bootstrap CI), and how many of its test answers could not be read ("-" for results written before that was counted)."""
     rows = []
     for name, t in results["tasks"].items():
         for s in STAGES:
-            test = t["stages"][s]["test"]
-            shown = ", ".join(f"{k} {v:.3f}" for k, v in test.items() if k not in UNPARSED)
+            test, cis = t["stages"][s]["test"], t["stages"][s].get("test_ci") or {}
+            shown = ", ".join(f"{k} {v:.3f}" + (f" {_ci(cis[k]['ci'])}" if cis.get(k) else "")
+                              for k, v in test.items() if k not in UNPARSED)
             unread = f"{int(test['unparsed'])} / {t['n_test']}" if "unparsed" in test else "-"
             rows.append([name, s, shown, unread])
     return ["task", "stage", "metrics on test", "unparsed"], rows

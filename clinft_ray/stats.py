@@ -107,17 +107,17 @@ def paired_t(a_scores: list[float], b_scores: list[float]) -> TestResult:
                       {"mean_diff": mean, "mean_diff_ci": [float(ci.low), float(ci.high)], "d_z": mean / sd})
 
 
-def paired_bootstrap(statistic: Callable[..., Any], data: tuple[Any, ...], n_resamples: int,
-                     seed: int) -> dict[str, Any]:
+def bootstrap_ci(statistic: Callable[..., Any], data: tuple[Any, ...], n_resamples: int, seed: int) -> dict[str, Any]:
     """95% bootstrap CI of `statistic(*data, axis=-1)`, resampling the examples of all of `data` jointly.
 
-    `data` holds equal-length 1-D arrays, one value per test example (e.g. gold labels, A's and B's
-    predictions); `statistic` must be vectorized along `axis`. BCa where defined, else the percentile
-    interval of the resamples; one example gives [observed, observed] (every resample is that example)."""
+    `data` holds equal-length 1-D arrays, one value per test example (e.g. gold labels and one
+    stage's predictions, or those and a second stage's); `statistic` must be vectorized along `axis`.
+    BCa where defined, else the percentile interval of the resamples; one example gives
+    [observed, observed] (every resample is that example). Returns `value`, `ci`, `method`, `n_resamples`."""
     arrays = tuple(np.asarray(x) for x in data)
     observed = float(statistic(*arrays, axis=-1))
     if len(arrays[0]) < 2:
-        return {"diff": observed, "ci": [observed, observed], "method": "single_example", "n_resamples": 0}
+        return {"value": observed, "ci": [observed, observed], "method": "single_example", "n_resamples": 0}
     with warnings.catch_warnings():  # degenerate resamples (all equal) are handled below
         warnings.simplefilter("ignore")
         res = sps.bootstrap(arrays, statistic, paired=True, vectorized=True, n_resamples=n_resamples,
@@ -129,7 +129,15 @@ def paired_bootstrap(statistic: Callable[..., Any], data: tuple[Any, ...], n_res
         tail = (1 - CONFIDENCE) / 2 * 100
         lo, hi = (float(v) for v in np.percentile(dist, [tail, 100 - tail]))
         method = "percentile"
-    return {"diff": observed, "ci": [lo, hi], "method": method, "n_resamples": n_resamples}
+    return {"value": observed, "ci": [lo, hi], "method": method, "n_resamples": n_resamples}
+
+
+def paired_bootstrap(statistic: Callable[..., Any], data: tuple[Any, ...], n_resamples: int,
+                     seed: int) -> dict[str, Any]:
+    """`bootstrap_ci` of a difference between two stages on the same examples (`statistic` returns
+    metric(A) - metric(B)), as `results.json` keeps it: `diff`, `ci`, `method`, `n_resamples`."""
+    res = bootstrap_ci(statistic, data, n_resamples, seed)
+    return {"diff": res.pop("value"), **res}
 
 
 # -- metrics of coded labels, vectorized for the bootstrap -------------------------------------------

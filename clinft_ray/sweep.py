@@ -154,10 +154,22 @@ class StageResult:
     # The trials' device-hours by what they paid for (`train`, `dev_eval`; see `tracking.TrialRuns`),
     # and for DPO the Ray task that computed the reference log-probs (`reference`).
     hours_by: dict[str, dict[str, float]]
-    curves: dict[str, list[tuple[int, float]]]  # trial name -> (step, eval loss) points
+    curves: dict[str, dict[str, Any]]  # trial name -> its `trial_curves`
     selected_trial: str
 
 
+
+
+def trial_curves(result: Any, metric: str) -> dict[str, Any]:
+    """What the sweep figure draws of one trial: its hyperparameters, and its dev score (`dev`, what
+    selection reads) and eval loss (`eval_loss`) as [step, value] points."""
+    df = result.metrics_dataframe
+    out: dict[str, Any] = {"hparams": dict(result.config or {}), "dev": [], "eval_loss": []}
+    for key, col in (("dev", f"dev/{metric}"), ("eval_loss", "eval/loss")):
+        if df is not None and col in df:
+            rows = df.dropna(subset=[col])
+            out[key] = [[int(st), float(v)] for st, v in zip(rows["step"], rows[col], strict=True)]
+    return out
 
 
 def summarize(stage: str, stage_run: str, grid: Any, runs: Any, metric: str, task: str, storage: str) -> StageResult:
@@ -168,12 +180,7 @@ def summarize(stage: str, stage_run: str, grid: Any, runs: Any, metric: str, tas
         raise StudyError(f"every {stage} trial of task {task} failed before its first eval ({', '.join(kinds)}); "
                          f"the tracebacks are in {grid.experiment_path}/*/error.txt")
     best = select_best(found)
-    curves = {}
-    for result in grid:
-        df = result.metrics_dataframe
-        if df is not None and "eval/loss" in df:
-            rows = df.dropna(subset=["eval/loss"])
-            curves[Path(result.path).name] = list(zip(rows["step"].astype(int), rows["eval/loss"].astype(float), strict=True))
+    curves = {Path(result.path).name: trial_curves(result, metric) for result in grid}
     return StageResult(
         stage=stage,
         run_id=stage_run,

@@ -131,9 +131,18 @@ def test_figures_and_reports_are_artifacts(server_run):
     names = {a.path for a in client.list_artifacts(study_run)}
     assert {"results.json", "report.md", "report.html", "outcomes.jsonl", "figures"} <= names
     figs = {Path(a.path).name for a in client.list_artifacts(study_run, "figures")}
-    assert {"uti_test.png", "uti_sft_eval_loss.png", "uti_dpo_eval_loss.png", "cost.png"} <= figs
+    stems = ("uti_test", "uti_sft_sweep", "uti_dpo_sweep", "cost")
+    assert figs == {f"{stem}.{ext}" for stem in stems for ext in ("png", "svg")}  # each also as vector
     for f in figs:
-        assert (out / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        head = (out / "figures" / f).read_bytes()[:8]
+        assert head == b"\x89PNG\r\n\x1a\n" if f.endswith(".png") else head.startswith(b"<?xml")
+    # the sweep figure draws what selection read: every trial's dev curve, from the study itself
+    progress = json.loads((out / "progress.json").read_text())
+    sweep = progress["done"]["uti/dpo"]["sweep"]
+    assert len(sweep["curves"]) == results["tasks"]["uti"]["stages"]["dpo"]["trials"]
+    chosen = sweep["curves"][sweep["selected_trial"]]
+    assert [sweep["selected"]["step"], results["tasks"]["uti"]["stages"]["dpo"]["dev"]["f1"]] in chosen["dev"]
+    assert set(chosen["hparams"]) == {"learning_rate", "beta"}
     assert any(root.joinpath("artifacts").rglob("uti_test.png"))  # stored by the server, not locally
     html = (out / "report.html").read_text()
     assert "<table" in html and 'alt="uti_test"' in html and "data:image/png;base64," in html

@@ -98,6 +98,23 @@ def test_bootstrap_f1_difference_is_the_sklearn_difference_and_clinical_metrics_
     assert r["tasks"]["uti"]["clinical"]["base"]["correct"]["confusion"]["counts"] == [[2, 2, 1], [3, 2, 0]]
 
 
+def test_each_stage_has_a_95_ci_of_its_test_metric_around_the_sklearn_value():
+    """The test figure's error bars: per stage and outcome, a bootstrap CI around the metric itself
+    (F1 as scikit-learn computes it; accuracy where no labels are stored), or None for an F1 without labels."""
+    r = study_statistics(config(), results(), rows())
+    for s, pred in PRED.items():
+        ci = r["tasks"]["uti"]["stages"][s]["test_ci"]["f1"]
+        assert ci["value"] == pytest.approx(f1_score(GOLD, pred, labels=["UTI"], average="macro", zero_division=0))
+        assert ci["ci"][0] <= ci["value"] <= ci["ci"][1] and ci["n_resamples"] == 500
+    dpo = r["tasks"]["uti"]["stages"]["dpo"]["test_ci"]["f1"]
+    assert dpo["value"] == 1.0 and dpo["ci"] == [1.0, 1.0]  # every resample of a perfect stage is perfect
+    tri = r["tasks"]["tri"]["stages"]["base"]["test_ci"]
+    assert tri["f1_responder"] is None  # responder's labels were not stored: no F1 to resample
+    assert tri["f1_urgency"]["value"] == 0.0 and tri["f1_urgency"]["ci"] == [0.0, 0.0]  # base never says urgent
+    base = r["tasks"]["uti"]["stages"]["base"]["test_ci"]["f1"]
+    assert base["value"] == pytest.approx(0.4) and base["ci"][0] < 0.4 < base["ci"][1]  # 10 examples: a wide interval
+
+
 def test_costs_follow_the_prices():
     """1.5 CPU-hours per stage at $2 = $3 per stage, $9 per task, $18 in all."""
     r = study_statistics(config(), results(), rows())
