@@ -43,6 +43,7 @@ from clinft_ray.sweep import StageResult, device_task
 from clinft_ray.tasks import load_task_split, one_prediction
 from clinft_ray.tracking import (
     HOUR_UNITS,
+    MODEL_VIEW,
     OUTBOX_FILE,
     DataSplit,
     Tracker,
@@ -446,7 +447,8 @@ def _hp(hparams: dict[str, float]) -> str:
 
 
 def mlflow_ui_command(results: dict[str, Any], output_dir: Path) -> str:
-    uri = results["mlflow"]["tracking_uri"]
+    """How to see the study in the MLflow UI: the command for a local store, and the experiment's page."""
+    uri, view = results["mlflow"]["tracking_uri"], MODEL_VIEW.format(id=results["mlflow"]["experiment_id"])
     if uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {uri}"
-    return f"open {uri} (experiment {results['mlflow']['experiment_id']})"
+        return f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000/{view}"
+    return f"open {uri.rstrip('/')}/{view}"

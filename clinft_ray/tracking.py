@@ -9,8 +9,10 @@ Layout of a study in MLflow (one experiment per study):
                                                            dev/<metric>, gpu_hours, cpu_hours (dpo trials:
                                                            clinft.init_from = run id of the selected SFT trial)
 
-The experiment has the tag mlflow.experimentKind=custom_model_development, so MLflow 3's UI opens it
-on its runs and model metrics.
+The experiment has the tag mlflow.experimentKind=custom_model_development, which MLflow 3's UI reads
+to open it on its runs; the UI of MLflow 3.17 picks its view globally instead (the GenAI / Model
+training switch, remembered by the browser), so the link clinft prints (`MODEL_VIEW`) asks for the
+model-training view itself.
 
 Runs are created and written from the driver only, through explicit run ids (`MlflowClient`), so a
 sqlite store never sees concurrent writers and no global "active run" is involved. Only numbers,
@@ -116,6 +118,8 @@ def unreachable(error: BaseException) -> bool:
 
 
 EXPERIMENT_KIND = "mlflow.experimentKind"
+# The experiment's runs in the MLflow UI's model-training view (the README's walkthrough starts here).
+MODEL_VIEW = "#/experiments/{id}?workflowType=machine_learning"
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from clinft_ray.modeling import load_model, read_manifest
 from clinft_ray.study import run_study
 
 from helpers import small_study
+from helpers.browser import browser_page, screenshot
 
 pytestmark = pytest.mark.slow
 
@@ -157,6 +158,69 @@ def _scan(paths: list[Path], needles: list[bytes]) -> list[str]:
                 data = f.read_bytes()
                 hits += [f"{f}: {n.decode()}" for n in needles if n in data]
     return hits
+
+
+def test_report_html_copied_alone_shows_every_figure_in_a_browser(server_run, tmp_path):
+    out, _, results, _ = server_run
+    alone = tmp_path / "sent-by-mail"
+    alone.mkdir()
+    shutil.copy(out / "report.html", alone / "report.html")  # nothing beside it
+    with browser_page() as page:
+        page.goto((alone / "report.html").as_uri())
+        images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
+        text = page.inner_text("body")
+        screenshot(page, "report-html", tmp_path)
+    pngs = sorted(p.stem for p in (out / "figures").glob("*.png"))
+    assert sorted(alt for alt, _, _ in images) == pngs
+    assert all(done and width > 0 for _, done, width in images), images  # each decoded, none broken
+    for said in ("How this report was made", "Selected on dev", results["study"]):
+        assert said in text
+
+
+def test_the_readme_mlflow_walkthrough_in_a_browser(server_run, mlflow_server, tmp_path):
+    """What the README's "Comparing runs in the MLflow UI" tells a user to do, in the MLflow UI of the
+    version we install: the experiment in the model-training view, the cost filter (the task run
+    typed into the search box, the task run expanded: its SFT and DPO stage runs, not base), and the
+    compare view of the two stage runs."""
+    import re
+    import urllib.parse
+
+    from helpers import REPO
+
+    _, _, results, client = server_run
+    readme = (REPO / "README.md").read_text()
+    [view] = re.findall(r"`(#/experiments/<id>\?[^`]+)`", readme)
+    cost_filter = next(f for f in re.findall(r"`(tags\.clinft\.[^`]+)`", readme) if "!=" in f)
+    exp = results["mlflow"]["experiment_id"]
+    runs = {r.info.run_name: r.info.run_id for r in client.search_runs([exp], "tags.clinft.level = 'stage'")}
+    with browser_page() as page:
+        name_cells = page.locator('[role=gridcell][col-id="attributes.`Run Name`"]')  # the runs table's names
+        page.goto(f"{mlflow_server.url}/{view.replace('<id>', exp)}")
+        page.get_by_text("matching runs").wait_for()
+        name_cells.get_by_role("link", name=results["study"], exact=True).wait_for()  # the study run
+        assert "No data available" not in page.inner_text("body")  # not the GenAI overview
+        screenshot(page, "mlflow-experiment", tmp_path)
+
+        search = page.locator('input[placeholder*="metrics."]')  # the runs table's search box, as a user types
+        search.fill(cost_filter)
+        search.press("Enter")
+        name_cells.get_by_role("link", name="uti", exact=True).wait_for()
+        task = name_cells.filter(has=page.get_by_role("link", name="uti", exact=True))
+        task.locator("button").first.click()  # expand the task run
+        name_cells.get_by_role("link", name="sft", exact=True).wait_for()
+        shown = set(name_cells.locator("a").all_inner_texts())
+        assert shown == {"uti", "sft", "dpo"}, shown  # the parent, and the two stages the filter selects
+        screenshot(page, "mlflow-cost-filter", tmp_path)
+
+        ids = urllib.parse.quote(json.dumps([runs["sft"], runs["dpo"]]))
+        page.goto(f"{mlflow_server.url}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([exp]))}"
+                  "&workflowType=machine_learning")
+        page.get_by_text("gpu_hours/train").first.wait_for()
+        text = page.inner_text("body")
+        screenshot(page, "mlflow-compare-stages", tmp_path)
+    for said in ("cost_usd", "gpu_hours", "cpu_hours/dev_eval", "gpu_hours/reference", "dev/f1", "test/accuracy",
+                 "selected.learning_rate", "clinft.selected_run_id"):
+        assert said in text, said
 
 
 def test_canaries_reach_nothing(server_run):
