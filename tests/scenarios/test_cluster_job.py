@@ -62,9 +62,10 @@ def cluster():
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops the processes it started
         try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # its graceful stop takes ~30 s; nothing of it is kept
             os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -74,8 +75,8 @@ def _ray(args: list[str], env: dict[str, str], check: bool = True, timeout: floa
 
 
 # The smallest demo that still shows the point (a job trains SFT then DPO and a resubmission trains
-# nothing): 2 SFT trials and 1 DPO trial instead of the demo's 4 + 12, on trimmed splits.
-SMALL_SFT = "stage: sft\nlearning_rate: {grid: [1.0e-2, 1.0e-3]}\nmax_steps: 20\neval_steps: 10\nbatch_size: 8\n"
+# nothing): 1 SFT trial and 1 DPO trial instead of the demo's 4 + 12, on trimmed splits.
+SMALL_SFT = "stage: sft\nlearning_rate: {grid: [1.0e-2]}\nmax_steps: 20\neval_steps: 10\nbatch_size: 8\n"
 SMALL_DPO = "stage: dpo\nlearning_rate: {grid: [1.0e-3]}\nbeta: {grid: [0.1]}\nmax_steps: 10\neval_steps: 5\nbatch_size: 8\n"
 
 
@@ -129,7 +130,7 @@ def test_demo_study_as_a_ray_job_and_resubmitted(cluster, tmp_path, demo_dir):
 
     results = json.loads((out / "results.json").read_text())
     stages = results["tasks"]["uti"]["stages"]
-    assert stages["sft"]["trials"] == 2 and stages["dpo"]["trials"] == 1
+    assert stages["sft"]["trials"] == 1 and stages["dpo"]["trials"] == 1
     assert stages["sft"]["test"]["f1"] > stages["base"]["test"]["f1"]  # the 2-worker SFT trials learned
     storage = tmp_path / "shared"
     sft_ckpt, dpo_ckpt = Path(stages["sft"]["checkpoint"]), Path(stages["dpo"]["checkpoint"])
@@ -140,7 +141,7 @@ def test_demo_study_as_a_ray_job_and_resubmitted(cluster, tmp_path, demo_dir):
     experiment = client.get_experiment_by_name("uti-demo")
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     trials = [r for r in runs if "clinft.trial" in r.data.tags]
-    assert len(trials) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len(trials) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     for run in trials:
         assert run.data.metrics["system/workers"] == 2
         # device-hours bill both workers: 2 x 0.5 CPUs for the trial's wall time

@@ -96,6 +96,7 @@ def test_ctrl_c_stops_the_study_marks_runs_killed_and_a_rerun_resumes(interrupte
     assert "going on where it stopped" in interrupted["sigkill"]["stderr"]
 
     assert interrupted["last"]["code"] == 0, interrupted["last"]["stderr"][-3000:]
+    assert "Token authentication" not in interrupted["last"]["stderr"]  # Ray's routine notice, not news
     _same_as_uninterrupted(json.loads((out / "results.json").read_text()), small_run[1])
     runs = _statuses(client)
     assert {r.info.status for r in runs} == {"FINISHED"}
