@@ -118,12 +118,39 @@ class ConsoleFormat(logging.Formatter):
         return f"{record.name}: {record.levelname.lower()}: {record.getMessage()}"
 
 
+class RetriesOnce(logging.Filter):
+    """The first of a library's retry warnings, not the rest: an unreachable model hub is retried five
+    times, two warnings each, before the error that says what to fix."""
+
+    MARKS = ("Retrying in ", " thrown while requesting ")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        marks = [mark for mark in self.MARKS if mark in record.getMessage()]
+        if not marks:
+            return True
+        key = f"{record.name} {marks[0]}"  # the first failure and the first retry notice
+        first = key not in self.seen
+        self.seen.add(key)
+        return first
+
+
 def console_logging(level: str) -> None:
     """clinft's lines on stderr (warnings and errors only with --quiet), other libraries' warnings
-    under their names, and not MLflow's routine INFO lines (creating its database tables)."""
+    under their names, once each (the Hugging Face hub's own handler removed, so its lines come
+    through this one alone; its retries once), and not MLflow's routine INFO lines."""
+    import huggingface_hub.utils.logging as hf_logging
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(ConsoleFormat())
+    handler.addFilter(RetriesOnce())
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    hub = hf_logging.get_logger()
+    for own in list(hub.handlers):
+        hub.removeHandler(own)
     logging.getLogger("clinft").setLevel(logging.WARNING if level == "quiet" else logging.INFO)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 

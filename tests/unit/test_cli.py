@@ -143,3 +143,24 @@ def test_where_names_our_frame_and_the_library_frame_that_raised():
         raise KeyError("x")
     except KeyError as exc:  # no clinft_ray frame: the innermost frame
         assert cli.where(exc) == f"{__name__}:test_where_names_our_frame_and_the_library_frame_that_raised"
+
+
+def test_an_unreachable_hub_is_said_once_not_ten_times():
+    """The hub's five retries of a HEAD request (a failure and a retry notice each) reach the console
+    as its first failure and first retry notice, through clinft's handler alone (the hub's own removed)."""
+    import logging
+
+    import huggingface_hub.utils.logging as hub_logging
+
+    from clinft_ray.cli import RetriesOnce, console_logging
+
+    console_logging("normal")
+    assert not hub_logging.get_logger().handlers  # no second copy of each line from the hub's own handler
+    http = logging.getLogger("huggingface_hub.utils._http")
+    failure = "'[Errno -2] Name or service not known' thrown while requesting HEAD https://huggingface.co/m/resolve/main/config.json"
+    records = [http.makeRecord(http.name, logging.WARNING, __file__, 1, msg, (), None)
+               for k in range(1, 6) for msg in (failure, f"Retrying in {2 ** k}s [Retry {k}/5].")]
+    records.append(http.makeRecord(http.name, logging.WARNING, __file__, 1, "some other warning", (), None))
+    once = RetriesOnce()
+    assert [r.getMessage() for r in records if once.filter(r)] == [failure, "Retrying in 2s [Retry 1/5].",
+                                                                   "some other warning"]
