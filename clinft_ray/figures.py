@@ -114,8 +114,9 @@ def outcome_bars(task_name: str, task: dict[str, Any], rule: str) -> Any:
     # Brackets in points above the highest bar label of their group, so no bracket crosses a label
     # whatever the axis scale; the axis then grows to hold the highest one.
     label_pts, step_pts = 13.0, 13.0
-    highest = 0.0
+    needs = []  # per group: (its highest label's data top, the points its brackets need above it)
     for xs, base, comps in brackets:
+        highest = 0.0
         for level, (a, b) in enumerate((("base", "sft"), ("sft", "dpo"), ("base", "dpo"))):
             if (a, b) not in comps:
                 continue
@@ -129,19 +130,20 @@ def outcome_bars(task_name: str, task: dict[str, Any], rule: str) -> Any:
             ax.annotate(f"p={c['p_value']:.2g}{star}", ((xa + xb) / 2, base), xytext=(0, up),
                         textcoords="offset points", ha="center", va="bottom", fontsize=7)
             highest = max(highest, up + 10)
+        needs.append((base, highest))
     ax.set_xticks(ticks, tick_labels, fontsize=8)
     ax.set_ylabel(f"{metric_name(metrics[0]) if len(outcomes) == 1 else metric_name(metrics[0].partition('_')[0])}"
                   " on test")
-    ax.set_yticks(np.linspace(lo, hi, 6))
+    ax.set_yticks(np.arange(lo, hi + 0.5) if metric_range(metrics[0]) == RANGES["judge"] else np.linspace(lo, hi, 6))
     ax.spines[["top", "right"]].set_visible(False)
     ax.spines["left"].set_bounds(lo, hi)  # the axis is the metric's range; above it only annotations
     ax.set_title(f"{task_name}: base vs SFT vs DPO on test\n95% bootstrap CIs; * {rule}", fontsize=9)
     fig.tight_layout()
-    # The data top (`hi`, or a higher CI) plus `highest` points must fit: solve for the axis top.
+    # Each group's brackets (points above its highest label) must fit under the axis top, and the
+    # metric's range must show whole: solve for the lowest top that does both.
     height_pts = ax.get_window_extent().height * 72 / fig.dpi
-    data_top = max([hi] + [b for _, b, _ in brackets])
-    frac = max(0.2, 1 - (highest + 4) / height_pts)
-    ax.set_ylim(lo, lo + (data_top - lo) / frac)
+    top = max([hi] + [lo + (base - lo) / max(0.2, 1 - (pts + 4) / height_pts) for base, pts in needs])
+    ax.set_ylim(lo, top)
     return fig
 
 
@@ -182,7 +184,7 @@ def sweep_curves(task_name: str, stage: str, metric: str, curves: dict[str, Any]
     lo, hi = metric_range(metric)
     dev_ax.set_ylim(lo - 0.03 * (hi - lo), hi + 0.03 * (hi - lo))
     dev_ax.set_ylabel(f"dev {metric_name(metric)}")
-    dev_ax.set_title(f"dev {metric_name(metric)} (what selection reads)", fontsize=9)
+    dev_ax.set_title(f"dev {metric_name(metric)}: what selection reads", fontsize=9)
     loss_ax.set_ylabel("eval loss")
     loss_ax.set_title("eval loss", fontsize=9)
     for ax in (dev_ax, loss_ax):
@@ -192,7 +194,7 @@ def sweep_curves(task_name: str, stage: str, metric: str, curves: dict[str, Any]
     handles, labels = dev_ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=7, frameon=False,
                ncol=1 if len(labels) <= 16 else 2)
-    fig.suptitle(f"{task_name}: {LABELS[stage]} sweep, {len(curves)} trials", fontsize=10)
+    fig.suptitle(f"{task_name}: {LABELS[stage]} sweep, {len(curves)} trial{'s' if len(curves) != 1 else ''}", fontsize=10)
     return fig
 
 
