@@ -83,6 +83,20 @@ def _codes(values: list[Any], labels: list[str]) -> np.ndarray:
     return np.array([index.get(v, -1) for v in values])
 
 
+def label_codes(task: Any, outcome: str, cols: dict[str, dict[str, list[Any]]], stages: tuple[str, ...]
+                ) -> tuple[tuple[np.ndarray, ...], list[int]] | None:
+    """An outcome's stored labels as integer codes for the F1 bootstraps: (gold, then each stage's
+    predictions) and the codes F1 averages over (the positive label, else every label); None where the
+    labels were not stored."""
+    sets = label_sets(task)
+    gold_key, pred_key = label_fields(outcome)
+    if outcome not in sets or any(gold_key not in cols[s] or pred_key not in cols[s] for s in stages):
+        return None
+    labels, positive = sets[outcome]
+    pos = [labels.index(positive)] if positive is not None else list(range(len(labels)))
+    return (_codes(cols[stages[0]][gold_key], labels), *(_codes(cols[s][pred_key], labels) for s in stages)), pos
+
+
 def bootstraps(task: Any, outcome: str, metric: str, cols: dict[str, dict[str, list[Any]]], a: str, b: str,
                n_resamples: int, seed: int) -> dict[str, Any]:
     """metric -> paired bootstrap of metric(A) - metric(B): F1 (when the labels are stored) and
@@ -94,33 +108,27 @@ def bootstraps(task: Any, outcome: str, metric: str, cols: dict[str, dict[str, l
     suffix = outcome[len("correct"):]
     out = {f"accuracy{suffix}": paired_bootstrap(lambda u, v, axis: np.mean(u, axis=axis) - np.mean(v, axis=axis),
                                                  (np.array(xa, float), np.array(xb, float)), n_resamples, seed)}
-    sets = label_sets(task)
-    gold_key, pred_key = label_fields(outcome)
-    if outcome in sets and gold_key in cols[a] and pred_key in cols[a]:
-        labels, positive = sets[outcome]
-        pos = [labels.index(positive)] if positive is not None else list(range(len(labels)))
-        data = (_codes(cols[a][gold_key], labels), _codes(cols[a][pred_key], labels), _codes(cols[b][pred_key], labels))
+    coded = label_codes(task, outcome, cols, (a, b))
+    if coded is not None:
+        data, pos = coded
         out[f"f1{suffix}"] = paired_bootstrap(
             lambda g, u, v, axis: f1_codes(g, u, pos, axis) - f1_codes(g, v, pos, axis), data, n_resamples, seed)
     return out
 
 
-def stage_interval(task: Any, outcome: str, metric: str, col: dict[str, list[Any]], n_resamples: int,
-                   seed: int) -> dict[str, Any] | None:
+def stage_interval(task: Any, outcome: str, metric: str, cols: dict[str, dict[str, list[Any]]], stage: str,
+                   n_resamples: int, seed: int) -> dict[str, Any] | None:
     """The 95% bootstrap CI of one stage's test `metric` for `outcome` (the test figure's error bars):
     F1 from the stored gold and predicted labels, accuracy and the judge's mean from the per-example
     outcome; None for an F1 whose labels were not stored."""
-    values = col[outcome]
     if not metric.startswith("f1"):
-        return bootstrap_ci(lambda u, axis: np.mean(u, axis=axis), (np.array(values, float),), n_resamples, seed)
-    gold_key, pred_key = label_fields(outcome)
-    sets = label_sets(task)
-    if outcome not in sets or gold_key not in col or pred_key not in col:
+        return bootstrap_ci(lambda u, axis: np.mean(u, axis=axis), (np.array(cols[stage][outcome], float),),
+                            n_resamples, seed)
+    coded = label_codes(task, outcome, cols, (stage,))
+    if coded is None:
         return None
-    labels, positive = sets[outcome]
-    pos = [labels.index(positive)] if positive is not None else list(range(len(labels)))
-    return bootstrap_ci(lambda g, u, axis: f1_codes(g, u, pos, axis),
-                        (_codes(col[gold_key], labels), _codes(col[pred_key], labels)), n_resamples, seed)
+    data, pos = coded
+    return bootstrap_ci(lambda g, u, axis: f1_codes(g, u, pos, axis), data, n_resamples, seed)
 
 
 def compare(task: Any, outcome_metrics: dict[str, str], cols: dict[str, dict[str, list[Any]]], n_resamples: int,
@@ -184,7 +192,7 @@ def study_statistics(cfg: StudyConfig, results: dict[str, Any], rows: list[dict[
         t["clinical"] = clinical(tasks[name], cols)
         for stage in STAGES:
             t["stages"][stage]["test_ci"] = {
-                metric: stage_interval(tasks[name], outcome, metric, cols[stage], cfg.stats.bootstrap_resamples,
+                metric: stage_interval(tasks[name], outcome, metric, cols, stage, cfg.stats.bootstrap_resamples,
                                        cfg.stats.seed) for outcome, metric in t["outcomes"].items()}
         everything += t["comparisons"]
     families: dict[Any, list[dict[str, Any]]] = {}
