@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from clinft_ray.analysis import HOUR_PARTS, STAGES, part_hours
+from clinft_ray.analysis import HOUR_PARTS, PAIRS, STAGES, part_hours
 
 LABELS = {"base": "base", "sft": "SFT", "dpo": "DPO"}
 COLORS = {"base": "#9e9e9e", "sft": "#1f77b4", "dpo": "#d62728"}
@@ -83,13 +83,15 @@ def outcome_bars(task_name: str, task: dict[str, Any], rule: str) -> Any:
 
     plt = _plt()
     outcomes = list(task["outcomes"].items())
-    metrics = [m for _, m in outcomes]
-    lo, hi = metric_range(metrics[0])
+    lo, hi = metric_range(outcomes[0][1])
     n = task.get("n_test")
     fig, ax = plt.subplots(figsize=(max(3.6, 2.4 * len(outcomes)), 4.2))
     width = 0.28
     ticks, tick_labels = [], []
-    brackets = []
+    # Brackets sit in points above the highest bar label of their group, so no bracket crosses a label
+    # whatever the axis scale; the axis then grows to hold them (below).
+    label_pts, step_pts = 13.0, 13.0
+    needs = []  # per group: (its highest label's data top, the points its brackets need above it)
     for i, (outcome, metric) in enumerate(outcomes):
         xs = [i + (k - 1) * width for k in range(3)]
         tops = []
@@ -106,35 +108,28 @@ def outcome_bars(task_name: str, task: dict[str, Any], rule: str) -> Any:
                         fontsize=7)
             ticks.append(x)
             tick_labels.append(f"{LABELS[s]}\nn={n}" if n else LABELS[s])
-        comps = {(c["a"], c["b"]): c for c in task.get("comparisons", []) if c["outcome"] == outcome}
-        brackets.append((xs, max(tops), comps))
         if len(outcomes) > 1:  # which outcome a group is, under its ticks
             ax.annotate(metric_name(metric), (i, 0), xycoords=("data", "axes fraction"), xytext=(0, -30),
                         textcoords="offset points", ha="center", va="top", fontsize=8)
-    # Brackets in points above the highest bar label of their group, so no bracket crosses a label
-    # whatever the axis scale; the axis then grows to hold the highest one.
-    label_pts, step_pts = 13.0, 13.0
-    needs = []  # per group: (its highest label's data top, the points its brackets need above it)
-    for xs, base, comps in brackets:
-        highest = 0.0
-        for level, (a, b) in enumerate((("base", "sft"), ("sft", "dpo"), ("base", "dpo"))):
+        base, highest = max(tops), 0.0
+        comps = {(c["a"], c["b"]): c for c in task.get("comparisons", []) if c["outcome"] == outcome}
+        for level, (a, b) in enumerate(PAIRS):
             if (a, b) not in comps:
                 continue
-            c = comps[(a, b)]
             up = label_pts + level * step_pts
             xa, xb = xs[STAGES.index(a)], xs[STAGES.index(b)]
             # the bracket: a line `up` points above the group's highest label, ticking down at its ends
             ax.plot([xa, xb], [base, base], color="black", lw=0.8, marker=mmarkers.TICKDOWN, ms=4, mew=0.8,
                     transform=mtransforms.offset_copy(ax.transData, fig=fig, y=up, units="points"))
-            star = "*" if c["significant"] else ""
-            ax.annotate(f"p={c['p_value']:.2g}{star}", ((xa + xb) / 2, base), xytext=(0, up),
+            star = "*" if comps[(a, b)]["significant"] else ""
+            ax.annotate(f"p={comps[(a, b)]['p_value']:.2g}{star}", ((xa + xb) / 2, base), xytext=(0, up),
                         textcoords="offset points", ha="center", va="bottom", fontsize=7)
-            highest = max(highest, up + 10)
+            highest = up + 10
         needs.append((base, highest))
     ax.set_xticks(ticks, tick_labels, fontsize=8)
-    ax.set_ylabel(f"{metric_name(metrics[0]) if len(outcomes) == 1 else metric_name(metrics[0].partition('_')[0])}"
-                  " on test")
-    ax.set_yticks(np.arange(lo, hi + 0.5) if metric_range(metrics[0]) == RANGES["judge"] else np.linspace(lo, hi, 6))
+    first = outcomes[0][1]  # a task's outcomes share one metric: F1 per triage label set
+    ax.set_ylabel(f"{metric_name(first if len(outcomes) == 1 else first.partition('_')[0])} on test")
+    ax.set_yticks(np.arange(lo, hi + 0.5) if hi - lo > 1 else np.linspace(lo, hi, 6))  # whole judge scores
     ax.spines[["top", "right"]].set_visible(False)
     ax.spines["left"].set_bounds(lo, hi)  # the axis is the metric's range; above it only annotations
     ax.set_title(f"{task_name}: base vs SFT vs DPO on test\n95% bootstrap CIs; * {rule}", fontsize=9)
