@@ -141,7 +141,8 @@ class RetriesOnce(logging.Filter):
 def console_logging(level: str) -> None:
     """clinft's lines on stderr (warnings and errors only with --quiet), other libraries' warnings
     under their names, once each (the Hugging Face hub's own handler removed, so its lines come
-    through this one alone; its retries once), and not MLflow's routine INFO lines."""
+    through this one alone; its retries once), and neither MLflow's routine INFO lines nor Ray's
+    notice that it enabled token authentication."""
     import huggingface_hub.utils.logging as hf_logging
 
     handler = logging.StreamHandler(sys.stderr)
@@ -151,6 +152,11 @@ def console_logging(level: str) -> None:
     hub = hf_logging.get_logger()
     for own in list(hub.handlers):
         hub.removeHandler(own)
+    # Ray enables token authentication for a local cluster and warns at every start that it did, which
+    # asks nothing of the user: that one notice is dropped (its warning when authentication is off
+    # stays). Setting RAY_AUTH_MODE instead comes too late: Ray reads it when it is imported.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        lambda record: not record.getMessage().startswith("Token authentication is enabled"))
     logging.getLogger("clinft").setLevel(logging.WARNING if level == "quiet" else logging.INFO)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 

@@ -352,11 +352,6 @@ def start_ray(study: Study) -> TrialResources:
     elif cfg.ray.address or os.environ.get("RAY_ADDRESS"):  # a cluster (a Ray job's driver gets RAY_ADDRESS)
         ray.init(address=cfg.ray.address, logging_level=logging.WARNING)
     else:  # a local Ray for this process: its dashboard (and job API) listen on loopback only
-        # Ray enables token authentication for a local cluster and warns at every start that it did,
-        # which asks nothing of the user: that one notice is dropped (its warning when authentication
-        # is off stays). RAY_AUTH_MODE itself is read when ray is imported, too early to set here.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
-            lambda record: not record.getMessage().startswith("Token authentication is enabled"))
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  logging_level=logging.WARNING)
     return trial_resources(cfg.resources, ray.cluster_resources())
