@@ -138,6 +138,14 @@ class RetriesOnce(logging.Filter):
         return first
 
 
+def not_ray_token_notice(record: logging.LogRecord) -> bool:
+    """False for Ray's notice that it enabled token authentication for a local cluster, which it gives
+    at every start and which asks nothing of the user (its warning when authentication is off passes).
+    Setting RAY_AUTH_MODE instead comes too late: Ray reads it when it is imported. One function, so
+    that `console_logging` called again adds no second filter."""
+    return not record.getMessage().startswith("Token authentication is enabled")
+
+
 def console_logging(level: str) -> None:
     """clinft's lines on stderr (warnings and errors only with --quiet), other libraries' warnings
     under their names, once each (the Hugging Face hub's own handler removed, so its lines come
@@ -152,11 +160,7 @@ def console_logging(level: str) -> None:
     hub = hf_logging.get_logger()
     for own in list(hub.handlers):
         hub.removeHandler(own)
-    # Ray enables token authentication for a local cluster and warns at every start that it did, which
-    # asks nothing of the user: that one notice is dropped (its warning when authentication is off
-    # stays). Setting RAY_AUTH_MODE instead comes too late: Ray reads it when it is imported.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
-        lambda record: not record.getMessage().startswith("Token authentication is enabled"))
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(not_ray_token_notice)
     logging.getLogger("clinft").setLevel(logging.WARNING if level == "quiet" else logging.INFO)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 

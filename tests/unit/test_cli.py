@@ -164,3 +164,20 @@ def test_an_unreachable_hub_is_said_once_not_ten_times():
     once = RetriesOnce()
     assert [r.getMessage() for r in records if once.filter(r)] == [failure, "Retrying in 2s [Retry 1/5].",
                                                                    "some other warning"]
+
+
+def test_rays_token_notice_is_dropped_and_its_auth_off_warning_kept():
+    import logging
+
+    from clinft_ray.cli import console_logging
+
+    console_logging("normal")
+    console_logging("normal")  # called again in one process (as in-process tests do): still one filter
+    ray_auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    assert len(ray_auth.filters) == 1
+
+    def record(msg: str) -> logging.LogRecord:
+        return ray_auth.makeRecord(ray_auth.name, logging.WARNING, __file__, 1, msg, (), None)
+
+    assert not ray_auth.filter(record("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=..."))
+    assert ray_auth.filter(record("Token authentication is disabled for this Ray cluster. Anyone with network ..."))
