@@ -179,9 +179,9 @@ def test_report_html_copied_alone_shows_every_figure_in_a_browser(server_run, tm
 
 def test_the_readme_mlflow_walkthrough_in_a_browser(server_run, mlflow_server, tmp_path):
     """What the README's "Comparing runs in the MLflow UI" tells a user to do, in the MLflow UI of the
-    version we install: the experiment in the model-training view, the cost filter (the task run
-    typed into the search box, the task run expanded: its SFT and DPO stage runs, not base), and the
-    compare view of the two stage runs."""
+    version we install: the experiment in the model-training view, the cost filter (typed into the
+    search box, the task run expanded: its SFT and DPO stage runs, not base), and the compare view of
+    the two stage runs."""
     import re
     import urllib.parse
 
@@ -204,9 +204,9 @@ def test_the_readme_mlflow_walkthrough_in_a_browser(server_run, mlflow_server, t
         search = page.locator('input[placeholder*="metrics."]')  # the runs table's search box, as a user types
         search.fill(cost_filter)
         search.press("Enter")
+        task = page.get_by_role("link", name="uti", exact=True)
         name_cells.get_by_role("link", name="uti", exact=True).wait_for()
-        task = name_cells.filter(has=page.get_by_role("link", name="uti", exact=True))
-        task.locator("button").first.click()  # expand the task run
+        name_cells.filter(has=task).locator("button").first.click()  # expand the task run
         name_cells.get_by_role("link", name="sft", exact=True).wait_for()
         shown = set(name_cells.locator("a").all_inner_texts())
         assert shown == {"uti", "sft", "dpo"}, shown  # the parent, and the two stages the filter selects
