@@ -6,6 +6,9 @@
                                   everything `run` checks before training, load no model
     clinft report OUTPUT_DIR [--set stats.alpha=0.01 ...]      redo a finished study's statistics, costs and
                                                               reports (stats.*, cost.*), no training
+    clinft export OUTPUT_DIR --stage sft|dpo [--task T] --to DIR [--format merged|adapter] [--dtype D]
+    clinft export models:/<study>-<task>@dpo --to DIR [...]   a selected model as a folder a server loads,
+                                                              checked against the model that was scored
 
 Every command takes `--debug`. Exit codes: 0 done, 2 bad config, data, locations or resources (one line
 per problem, no row text), 1 anything else: an unexpected error is one `clinft: error:` line with its
@@ -16,6 +19,7 @@ console with `--debug`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -59,6 +63,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", help="the output directory of a finished study")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a stats.* or cost.* setting, e.g. stats.alpha=0.01 or cost.gpu_hour_usd=3.1")
+    p = sub.add_parser("export", help="write a study's selected model as a model folder a server loads",
+                       parents=[common])
+    p.add_argument("source", help="a finished study's output folder, or a registered model: models:/NAME@ALIAS")
+    p.add_argument("--to", required=True, help="a new folder to write")
+    p.add_argument("--task", help="the task (needed when the study has several)")
+    p.add_argument("--stage", choices=("sft", "dpo"), help="which selected model (a registered one knows its own)")
+    p.add_argument("--format", choices=("merged", "adapter"), default="merged",
+                   help="merged: one plain model folder (default); adapter: one PEFT adapter on the base (LoRA)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="merged weights' dtype (default: float32 for LoRA, as trained for full weights)")
+    p.add_argument("--tracking-uri", help="for models:/...: the MLflow server (default: $MLFLOW_TRACKING_URI)")
     return parser
 
 
@@ -79,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             return demo(args.out, args.tasks, args.set)
         if args.command == "report":
             return report(args.output_dir, args.set)
+        if args.command == "export":
+            return export(args)
         return run(args.config, args.set, args.out)
     except (ConfigError, DataError, PreflightError) as err:
         for line in str(err).splitlines():
@@ -293,6 +310,42 @@ def report(output_dir: str, overrides: list[str]) -> int:
     print(results["multiple_comparisons"]["footnote"])
     print(f"results: {out / 'results.json'}")
     print(f"report:  {out / 'report.md'}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    """`clinft export`: the selected model of a study folder or of a registered version, written and checked."""
+    import tempfile
+
+    from clinft_ray.export import export as write
+    from clinft_ray.export import from_registry, from_study
+
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.source.startswith("models:/"):
+            uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            if not uri:
+                raise PreflightError(f"{args.source}: which MLflow? pass --tracking-uri or set MLFLOW_TRACKING_URI "
+                                 "(a local study's is sqlite:///OUTPUT_DIR/mlflow.db)")
+            selected = from_registry(args.source, uri, Path(scratch))
+            if args.stage and args.stage != selected.stage:
+                raise PreflightError(f"{args.source} is the {selected.stage} model, not {args.stage}; drop --stage")
+        else:
+            if not args.stage:
+                raise PreflightError("--stage: say which selected model to export, sft or dpo")
+            selected = from_study(args.source, args.task, args.stage)
+        log.info("exporting %s / %s %s (%s, %s)", selected.study, selected.task, selected.stage.upper(),
+                 selected.model.finetune, args.format)
+        dest = write(selected, args.to, args.format, args.dtype).resolve()
+    check = json.loads((dest / "clinft_export.json").read_text())["check"]
+    print(f"{dest}: the {selected.stage.upper()} model of {selected.study} / {selected.task} as {args.format}")
+    print(f"checked: logits within {check['max_abs_diff']:.2g} of the scored model's (largest {check['max_abs_logit']:.3g}) "
+          f"on a {check['probe_tokens']}-token probe")
+    print(f"model card: {dest / 'MODEL_CARD.md'}")
+    if args.format == "adapter":
+        print(f"serve: vllm serve {selected.model.name_or_path} --enable-lora --lora-modules "
+              f"{selected.task}-{selected.stage}={dest}")
+    else:
+        print(f"serve: vllm serve {dest}   (or AutoModelForCausalLM.from_pretrained('{dest}'))")
     return 0
 
 

@@ -288,6 +288,8 @@ class MlflowConfig(_Strict):
     log_examples: int = Field(0, ge=0, description="opt in: log the first N test answers per stage (may be PHI)")
     outage_wait_s: float = Field(600, ge=0, description="at the end of a study, how long to wait for a tracking "
                                  "server that does not answer before saving the writes held for it")
+    register_models: bool = Field(True, description="register each task's selected SFT and DPO models in the MLflow "
+                                  "Model Registry as <study>-<task>, aliases sft and dpo")
 
 
 class RayConfig(_Strict):

@@ -35,7 +35,8 @@ class DataError(ValueError):
 
 
 class PreflightError(RuntimeError):
-    """The cluster, tracking server or storage cannot run this study as configured."""
+    """The cluster, tracking server or storage cannot run this study as configured, or a study folder or
+    registered model named on the command line cannot be used as asked."""
 
 
 class JudgeError(RuntimeError):

@@ -91,6 +91,34 @@ def publish(cfg: StudyConfig, results: dict[str, Any], rows: list[dict[str, Any]
     return files
 
 
+def register_models(cfg: StudyConfig, results: dict[str, Any], tracker: Tracker, runs: dict[str, str]) -> None:
+    """Each task's selected SFT and DPO models in the MLflow Model Registry: a LoggedModel of the stage
+    run (`export.registry_files`: the card, and the LoRA chain's combined adapter or a reference to
+    the full weights) with its dev and test metrics, registered as `<study>-<task>`, alias the stage."""
+    from clinft_ray.config import ModelConfig
+    from clinft_ray.export import Selected, registry_files
+
+    model = ModelConfig.model_validate(results["config"]["model"])
+    for name, task in results["tasks"].items():
+        for stage in ("sft", "dpo"):
+            entry = task["stages"][stage]
+            selected = Selected(cfg.study, name, stage, model, entry["checkpoint"], results)
+            folder = cfg.output_dir / "registry" / f"{name}-{stage}"
+            meta = registry_files(selected, folder)
+            sel = entry["selected"]
+            version = tracker.register_model(
+                f"{cfg.study}-{name}", stage, runs[f"{name}/{stage}"], folder,
+                params={k: v for k, v in sel.items() if k != "mlflow_run_id"} | {"base_model": model.name_or_path,
+                                                                                 "finetune": model.finetune},
+                metrics={**{f"dev/{k}": v for k, v in entry["dev"].items()},
+                         **{f"test/{k}": v for k, v in entry["test"].items()}},
+                tags={"clinft.study": cfg.study, "clinft.task": name, "clinft.stage": stage,
+                      "clinft.fingerprint": results["fingerprint"], "clinft.format": meta["format"],
+                      "clinft.checkpoint": entry["checkpoint"], "clinft.selected_run_id": sel["mlflow_run_id"]})
+            log.info("[%s] %s model registered: models:/%s-%s@%s (version %s)", name, stage.upper(), cfg.study,
+                     name, stage, version)
+
+
 def read_finished(out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """(results, outcome rows, progress) of a finished study; `StudyError` naming what is missing."""
     paths = {name: out_dir / name for name in ("results.json", "outcomes.jsonl", "progress.json")}

@@ -203,22 +203,30 @@ SELECTION_RULE = ("per stage, the trial and eval step with the best dev metric a
                   "to fewer optimizer steps, then to the earlier point of the search space (selection.py)")
 
 
-def provenance_rows(results: dict[str, Any], made: str | None = None) -> Table:
-    """What produced the report: study, model, date, versions, seeds, data fingerprints, selection rule."""
+def installed(name: str) -> str:
+    """The installed version of a distribution, or "not installed"."""
     from importlib.metadata import PackageNotFoundError, version
 
-    def installed(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
 
+
+def versions() -> dict[str, str]:
+    """The versions of clinft-ray and the libraries that decide what a study trains and scores."""
+    return {name: installed(name) for name in LIBRARIES}
+
+
+def provenance_rows(results: dict[str, Any], made: str | None = None) -> Table:
+    """What produced the report: study, model, date, versions (those the study ran with, where
+    results.json records them), seeds, data fingerprints, selection rule."""
     cfg = results.get("config", {})
     model = cfg.get("model", {})
     rows = [["study", results.get("study", "")],
             ["model", f"{model.get('name_or_path', '')} ({model.get('finetune', '')}, {model.get('dtype', '')})"],
             ["made", made or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())],
-            ["versions", ", ".join(f"{n} {installed(n)}" for n in LIBRARIES)],
+            ["versions", ", ".join(f"{n} {v}" for n, v in (results.get("versions") or versions()).items())],
             ["seeds", f"training {cfg.get('seed', '')}, bootstrap {cfg.get('stats', {}).get('seed', '')}"],
             ["study fingerprint", results.get("fingerprint", "")],
             ["selection", SELECTION_RULE]]

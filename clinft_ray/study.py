@@ -25,7 +25,7 @@ from clinft_ray.data import Example, fingerprint, leakage_problems
 from clinft_ray.dpo import run_dpo
 from clinft_ray.errors import ConfigError, DataError, StudyError
 from clinft_ray.evaluate import Scored
-from clinft_ray.outputs import dotted_diff, publish, stored_config
+from clinft_ray.outputs import dotted_diff, publish, register_models, stored_config
 from clinft_ray.preflight import (
     PreflightError,
     TrialResources,
@@ -38,6 +38,7 @@ from clinft_ray.preflight import (
     uses_judge,
 )
 from clinft_ray.progress import Progress, scored_from_json, scored_to_json, stage_from_json, stage_to_json
+from clinft_ray.report import versions
 from clinft_ray.sft import run_sft
 from clinft_ray.sweep import StageResult, device_task
 from clinft_ray.tasks import load_task_split, one_prediction
@@ -113,6 +114,7 @@ def run_study(study: Study) -> dict[str, Any]:
             "fingerprint": key,
             "fingerprint_inputs": inputs,
             "config": stored_config(cfg),
+            "versions": versions(),
             "tasks": {},
             "mlflow": {"tracking_uri": redact_uri(tracker.tracking_uri), "experiment_id": tracker.experiment_id,
                        "study_run_id": study_run},
@@ -125,6 +127,8 @@ def run_study(study: Study) -> dict[str, Any]:
             curves[task.name] = {s: (sw.curves, (sw.selected_trial, sw.selected.step)) for s, sw in sweeps.items()}
         # statistics -> figures, results.json, reports, and the MLflow runs (as `clinft report` redoes it)
         publish(cfg, results, outcomes, tracker, progress.data["runs"], curves)
+        if cfg.mlflow.register_models:
+            register_models(cfg, results, tracker, progress.data["runs"])
         status = "FINISHED"
         return results
     except KeyboardInterrupt:
@@ -202,6 +206,7 @@ def run_task(study: Study, task: TaskConfig, data: dict[str, list[Example]], tra
         "kind": task.kind,
         "metric": task.metric,
         "n_test": len(scored["base"].ids),
+        "data": {s.context: {"rows": s.rows, "sha256": s.sha256} for s in splits},
         "stages": stages,
         "outcomes": task.outcome_metrics,
         **task_costs(stages),

@@ -51,6 +51,7 @@ from typing import Any, TypeVar
 from ray.tune import Callback
 
 from clinft_ray.config import CostConfig
+from clinft_ray.errors import PreflightError
 
 METRIC_PREFIXES = ("train/", "eval/", "dev/", "rewards/", "logps/", "system/")
 RETRY_S = 3.0  # how often the outbox tries an unreachable tracking server again
@@ -395,6 +396,79 @@ class Tracker:
 
     def artifact(self, run_id: RunRef, path: Path, folder: str | None = None) -> None:
         self._send("log_artifact", run_id, str(path), artifact_path=folder)
+
+    # -- the Model Registry -------------------------------------------------------------------
+
+    def register_model(self, name: str, alias: str, run_id: str, folder: Path, *, params: dict[str, Any],
+                       metrics: dict[str, float], tags: dict[str, str]) -> str:
+        """A stage's selected model as an MLflow 3 LoggedModel of `run_id` (the files in `folder` as its
+        artifacts, `params`, `metrics` linked to it, `tags`), registered as a new version of `name`
+        with the alias `alias`; returns the version. Waits for MLflow (the study's end does).
+
+        Idempotent for a study: when `alias` already points at a version with the same
+        `clinft.fingerprint` tag (a resumed study that had registered it), that version is kept."""
+        from mlflow.entities import LoggedModelStatus, Metric
+        from mlflow.exceptions import MlflowException
+
+        try:
+            kept = self._wait(lambda: self.client.get_model_version_by_alias(name, alias))
+        except MlflowException:  # no such model or alias yet
+            kept = None
+        if kept is not None and kept.tags.get("clinft.fingerprint") == tags.get("clinft.fingerprint"):
+            return kept.version
+        model = self._wait(lambda: self.client.create_logged_model(
+            self.experiment_id, name=f"{tags.get('clinft.task', name)}-{alias}", source_run_id=run_id,
+            tags=tags, params={k: str(v) for k, v in params.items()}, model_type="clinft-ray"))
+        self._wait(lambda: self.client.log_model_artifacts(model.model_id, str(folder)))
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, 0, model_id=model.model_id, run_id=run_id) for k, v in metrics.items()
+                 if v is not None and math.isfinite(float(v))]
+        self._wait(lambda: self.client.log_batch(run_id, metrics=batch))
+        self._wait(lambda: self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY))
+        try:
+            self._wait(lambda: self.client.create_registered_model(
+                name, description="clinft-ray: the selected models of one task of a study, by stage (aliases "
+                "sft and dpo)"))
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        # A local (sqlite) registry looks the LoggedModel up through the process's global tracking URI,
+        # not this client's (MLflow 3.17); a server looks it up itself.
+        with _use_tracking_uri(self.tracking_uri):
+            version = self._wait(lambda: self.client.create_model_version(
+                name, source=f"models:/{model.model_id}", run_id=run_id, model_id=model.model_id, tags=tags,
+                await_creation_for=0))
+        self._wait(lambda: self.client.set_registered_model_alias(name, alias, version.version))
+        return version.version
+
+
+def registered_files(tracking_uri: str, uri: str, dest: Path) -> tuple[Any, Path]:
+    """A registered model (`models:/NAME@ALIAS` or `models:/NAME/VERSION`): its version, and its
+    LoggedModel's artifacts downloaded into `dest`. A read: no outbox, an unreachable server is an error."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    try:
+        if alias:
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = name.partition("/")
+            version = client.get_model_version(name, number)
+        # A local (sqlite) registry keeps the LoggedModel in the version's source only (MLflow 3.17).
+        model = client.get_logged_model(version.model_id or version.source.removeprefix("models:/"))
+    except MlflowException as exc:
+        if unreachable(exc):
+            raise
+        raise PreflightError(f"{uri}: no such registered model version at {redact_uri(tracking_uri)} "
+                         f"({exc.error_code}); the study registers models:/<study>-<task>@sft and @dpo") from None
+    path = mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location, dst_path=str(dest),
+                                               tracking_uri=tracking_uri)
+    return version, Path(path)
 
 
 HOUR_UNITS = ("gpu_hours", "cpu_hours", "cost_usd")

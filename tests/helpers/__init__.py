@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]  # the repository root
 
 # Outputs of a run in a study folder: left out when a test copies the demo to run it afresh.
 OUTPUTS = frozenset({"ray", "mlflow.db", "mlartifacts", "results.json", "outcomes.jsonl", "report.md", "report.html",
-                     "figures", "progress.json", "reference_logps", "clinft.log"})
+                     "figures", "progress.json", "reference_logps", "clinft.log", "registry"})
 
 # One SFT trial and one DPO trial, a few steps each: a study that runs every stage end to end.
 SFT_ONE = {"stage": "sft", "learning_rate": {"grid": [1.0e-2]}, "max_steps": 20, "eval_steps": 10, "batch_size": 8,

@@ -28,8 +28,9 @@ from clinft_ray.config import load_study
 from clinft_ray.modeling import load_model, read_manifest
 from clinft_ray.study import run_study
 
-from helpers import small_study
+from helpers import clinft_in_process, small_study
 from helpers.browser import browser_page, screenshot
+from helpers.exported import fresh_logits, holds_no_training_state_or_rows, probe, scored_logits
 
 pytestmark = pytest.mark.slow
 
@@ -259,6 +260,79 @@ def test_lora_checkpoints_chain_and_load(lora_run):
     base = logits(AutoModelForCausalLM.from_pretrained(study.config.model.name_or_path))
     sft, dpo = (logits(load_model(study.config.model, c)) for c in (sft_ckpt, dpo_ckpt))
     assert not torch.equal(base, sft) and not torch.equal(sft, dpo)
+
+
+@pytest.fixture(scope="module")
+def lora_probe(lora_run):
+    """Token ids of four test prompts as the chat template renders them, and every split's prompts."""
+    from clinft_ray.modeling import load_tokenizer
+    from clinft_ray.tasks import load_task_split
+
+    study, _ = lora_run
+    rows = [e for s in ("train", "eval", "dev", "test") for e in load_task_split(study.config.tasks[0], s)]
+    return probe(load_tokenizer(study.config.model), [e.prompt for e in rows[-4:]]), [e.prompt for e in rows]
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_lora_exports_are_the_scored_chain_merged_or_as_one_adapter(lora_run, lora_probe, stage, tmp_path, capsys):
+    """Merged: transformers alone loads it; adapter: PEFT on the base; both in a fresh process, both
+    with the logits of the chain clinft-ray scored (for DPO: base + SFT adapter + DPO adapter, rank
+    8 + 8), neither with training state or a row's text."""
+    study, results = lora_run
+    ids, prompts = lora_probe
+    entry = results["tasks"]["uti"]["stages"][stage]
+    want = scored_logits(study.config.model, entry["checkpoint"], ids)
+    base = study.config.model.name_or_path
+    for fmt in ("merged", "adapter"):
+        code, errors, text = clinft_in_process(capsys, "export", str(study.config.output_dir), "--stage", stage,
+                                               "--format", fmt, "--to", str(tmp_path / fmt))
+        assert code == 0 and not errors, text
+        holds_no_training_state_or_rows(tmp_path / fmt, [CANARY_TEXT, *prompts])
+    merged, adapter = fresh_logits([(tmp_path / "merged", None), (tmp_path / "adapter", base)], ids, tmp_path)
+    assert float((merged - want).abs().max()) <= 1e-5 and float((adapter - want).abs().max()) <= 1e-5
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == (16 if stage == "dpo" else 8) and adapter["base_model_name_or_path"] == base
+    assert "--lora-modules" in text and f"rank {adapter['r']}" in (tmp_path / "adapter" / "MODEL_CARD.md").read_text()
+    sft_alone = scored_logits(study.config.model, results["tasks"]["uti"]["stages"]["sft"]["checkpoint"], ids)
+    if stage == "dpo":  # what loading the DPO checkpoint's folder alone would have missed
+        assert float((sft_alone - want).abs().max()) > 1e-4
+
+
+def test_the_registry_on_the_server_holds_both_stages_and_they_load_as_scored(server_run, lora_run, lora_probe,
+                                                                              mlflow_server, tmp_path, capsys):
+    """Each stage's selected model registered on the real server as served-uti, aliases sft and dpo,
+    with its tags and dev/test metrics; the registered adapter, downloaded and loaded with PEFT in a
+    fresh process, and `clinft export models:/served-uti@dpo`, both give the scored logits."""
+    import mlflow.artifacts
+
+    out, _, results, client = server_run
+    study, _ = lora_run
+    ids, _ = lora_probe
+    loads, wants = [], []
+    for stage in ("sft", "dpo"):
+        entry = results["tasks"]["uti"]["stages"][stage]
+        version = client.get_model_version_by_alias("served-uti", stage)
+        assert version.aliases == [stage]
+        run = client.get_run(version.run_id).data.tags  # the stage's run, whose metrics these are
+        assert (run["clinft.level"], run["clinft.stage"]) == ("stage", stage)
+        assert version.tags["clinft.format"] == "adapter" and version.tags["clinft.checkpoint"] == entry["checkpoint"]
+        assert version.tags["clinft.fingerprint"] == results["fingerprint"]
+        model = client.get_logged_model(version.model_id or version.source.removeprefix("models:/"))
+        metrics = {m.key: m.value for m in model.metrics}
+        assert metrics["test/f1"] == pytest.approx(entry["test"]["f1"]) and "dev/f1" in metrics
+        assert model.params["learning_rate"] == str(entry["selected"]["learning_rate"])
+        files = Path(mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location,
+                                                         dst_path=str(tmp_path / stage), tracking_uri=mlflow_server.url))
+        assert {"adapter_config.json", "adapter_model.safetensors", "MODEL_CARD.md"} <= {p.name for p in files.iterdir()}
+        loads.append((files, study.config.model.name_or_path))
+        wants.append(scored_logits(study.config.model, entry["checkpoint"], ids))
+    exported = tmp_path / "exported"
+    code, errors, text = clinft_in_process(capsys, "export", "models:/served-uti@dpo", "--tracking-uri",
+                                           mlflow_server.url, "--to", str(exported))
+    assert code == 0 and not errors, text
+    got = fresh_logits([*loads, (exported, None)], ids, tmp_path)
+    for g, w in zip(got, [*wants, wants[-1]], strict=True):
+        assert float((g - w).abs().max()) <= 1e-5
 
 
 def test_lora_results_have_scores_and_costs(lora_run):
