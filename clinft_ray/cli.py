@@ -6,6 +6,8 @@
                                   everything `run` checks before training, load no model
     clinft report OUTPUT_DIR [--set stats.alpha=0.01 ...]      redo a finished study's statistics, costs and
                                                               reports (stats.*, cost.*), no training
+    clinft plan study.yaml [--calibrate | --tokens-per-second N] [--gpu-memory-gb GB]
+                                  counts, tokens, hours, cost and one trial's memory, before anything runs
     clinft export OUTPUT_DIR --stage sft|dpo [--task T] --to DIR [--format merged|adapter] [--dtype D]
     clinft export models:/<study>-<task>@dpo --to DIR [...]   a selected model as a folder a server loads,
                                                               checked against the model that was scored
@@ -63,6 +65,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", help="the output directory of a finished study")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a stats.* or cost.* setting, e.g. stats.alpha=0.01 or cost.gpu_hour_usd=3.1")
+    p = sub.add_parser("plan", help="what a study will cost and whether a trial fits its GPU, before it runs",
+                       parents=[common])
+    p.add_argument("config", help="study YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--calibrate", action="store_true",
+                     help="measure throughput with a few real training steps on this machine's device")
+    how.add_argument("--tokens-per-second", type=float, metavar="N",
+                     help="training tokens per second of one trial on your GPU (your own figure)")
+    p.add_argument("--gpu-memory-gb", type=float, metavar="GB",
+                   help="memory of one GPU of the cluster in GiB, e.g. 80 for an A100 80GB (default: this machine's GPU)")
     p = sub.add_parser("export", help="write a study's selected model as a model folder a server loads",
                        parents=[common])
     p.add_argument("source", help="a finished study's output folder, or a registered model: models:/NAME@ALIAS")
@@ -96,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             return report(args.output_dir, args.set)
         if args.command == "export":
             return export(args)
+        if args.command == "plan":
+            return plan(args)
         return run(args.config, args.set, args.out)
     except (ConfigError, DataError, PreflightError) as err:
         for line in str(err).splitlines():
@@ -313,6 +328,24 @@ def report(output_dir: str, overrides: list[str]) -> int:
     return 0
 
 
+def plan(args: argparse.Namespace) -> int:
+    """`clinft plan`: counts, tokens, time, cost and per-trial memory of a study, before it runs; exit 2
+    when a trial would not fit the GPU."""
+    from clinft_ray.plan import plan_study
+
+    for name in ("tokens_per_second", "gpu_memory_gb"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise PreflightError(f"--{name.replace('_', '-')} {value:g}: give a positive number")
+    study = load_study(args.config, args.set)
+    _, lines, problem = plan_study(study, calibrate_here=args.calibrate, tokens_per_second=args.tokens_per_second,
+                                   gpu_memory_gb=args.gpu_memory_gb)
+    print("\n".join(lines))
+    if problem:
+        raise PreflightError(problem)
+    return 0
+
+
 def export(args: argparse.Namespace) -> int:
     """`clinft export`: the selected model of a study folder or of a registered version, written and checked."""
     import tempfile
@@ -363,6 +396,10 @@ def run(config: str | Path, overrides: list[str], out: str | None) -> int:
     print(f"report:  {out_dir / 'report.md'}")
     print(f"per-example outcomes: {out_dir / 'outcomes.jsonl'}")
     print(f"MLflow:  {mlflow_ui_command(results, out_dir)}")
+    if study.config.mlflow.register_models:
+        task = next(iter(results["tasks"]))
+        print(f"models:  models:/{study.config.study}-{task}@sft and @dpo; as a folder to serve: clinft export "
+              f"{out_dir} --stage dpo{'' if len(results['tasks']) == 1 else f' --task {task}'} --to DIR")
     return 0
 
 

@@ -2,6 +2,7 @@
 
     data -> base on test -> SFT sweep -> pick on dev -> DPO sweep from that pick -> pick on dev
          -> base / SFT / DPO on test -> paired statistics -> results.json, outcomes.jsonl, report.md
+         -> the selected SFT and DPO models in the MLflow Model Registry
 
 Everything heavy runs on Ray (trials via Tune, test scoring as Ray tasks with the same resources as a
 trial), so the same code uses one local GPU, several, or a cluster. Every run and its device-hours
