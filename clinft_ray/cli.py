@@ -371,7 +371,7 @@ def export(args: argparse.Namespace) -> int:
         dest = write(selected, args.to, args.format, args.dtype).resolve()
     check = json.loads((dest / "clinft_export.json").read_text())["check"]
     print(f"{dest}: the {selected.stage.upper()} model of {selected.study} / {selected.task} as {args.format}")
-    print(f"checked: logits within {check['max_abs_diff']:.2g} of the scored model's (largest {check['max_abs_logit']:.3g}) "
+    print(f"checked: logits within {check['max_abs_diff']:.2g}{' (identical)' * (check['max_abs_diff'] == 0)} of the scored model's (largest {check['max_abs_logit']:.3g}) "
           f"on a {check['probe_tokens']}-token probe")
     print(f"model card: {dest / 'MODEL_CARD.md'}")
     if args.format == "adapter":

@@ -272,7 +272,7 @@ def model_card(selected: Selected, meta: dict[str, Any]) -> str:
     r, t, stage = selected.results, selected.results["tasks"][selected.task], selected.stage
     cfg, entry = selected.model, t["stages"][stage]
     lora = cfg.finetune == "lora"
-    how = "LoRA" + (f" r={cfg.lora.r}, alpha={cfg.lora.alpha}, modules {cfg.lora.target_modules}" if lora else "")
+    how = f"LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, modules {cfg.lora.target_modules}" if lora else "full weights"
     chain = "SFT, then DPO from the selected SFT model" if stage == "dpo" else "SFT"
     if meta["format"] == "checkpoint":
         form = (f"a reference: the weights stay in the study's storage (`{meta['checkpoint']}`); "
@@ -286,7 +286,7 @@ def model_card(selected: Selected, meta: dict[str, Any]) -> str:
         form = f"merged weights (the whole chain: {chain}) in {meta['dtype']}, a plain Hugging Face model folder"
     check = meta.get("check")
     checked = (f"on a probe of {check['probe_tokens']} seeded random token ids (no text), its logits differ from "
-               f"those of the model clinft-ray scored by at most {check['max_abs_diff']:.2g} (largest logit "
+               f"those of the model clinft-ray scored by at most {check['max_abs_diff']:.2g}{' (identical)' * (check['max_abs_diff'] == 0)} (largest logit "
                f"{check['max_abs_logit']:.3g})") if check else "by `clinft export`, which compares the logits of "\
         "what it writes with those of the model clinft-ray scored"
     lines = [f"# {selected.study} / {selected.task}: the {stage.upper()} model", "",
@@ -324,8 +324,8 @@ def model_card(selected: Selected, meta: dict[str, Any]) -> str:
         test = ", ".join(f"{k} {v:.3f}" for k, v in st["test"].items() if isinstance(v, float) and "unparsed" not in k)
         mark = " (this model)" if name == stage else ""
         lines.append(f"| {name.upper()}{mark} | {st.get('dev', {}).get(t['metric'], float('nan')):.3f} | {test} |")
-    lines += ["", f"n = {t.get('n_test')} test examples. Paired comparisons on test (difference b - a with its "
-              "paired bootstrap 95% CI):", "",
+    lines += ["", f"n = {t.get('n_test')} test examples. Paired comparisons on test (the difference is a minus b, "
+              "negative where b scored higher, with its paired bootstrap 95% CI):", "",
               "| outcome | a vs b | difference (95% CI) | test | p | adjusted p | significant |",
               "|---|---|---|---|---|---|---|"]
     for c in t.get("comparisons", []):

@@ -114,7 +114,10 @@ def register_models(cfg: StudyConfig, results: dict[str, Any], tracker: Tracker,
                          **{f"test/{k}": v for k, v in entry["test"].items()}},
                 tags={"clinft.study": cfg.study, "clinft.task": name, "clinft.stage": stage,
                       "clinft.fingerprint": results["fingerprint"], "clinft.format": meta["format"],
-                      "clinft.checkpoint": entry["checkpoint"], "clinft.selected_run_id": sel["mlflow_run_id"]})
+                      "clinft.checkpoint": entry["checkpoint"], "clinft.selected_run_id": sel["mlflow_run_id"]},
+                description=f"{stage.upper()} model of {cfg.study} / {name}, selected on dev {task['metric']} "
+                            f"{entry['dev'][task['metric']]:.3f}; its test metrics and MODEL_CARD.md are on the "
+                            "source model")
             log.info("[%s] %s model registered: models:/%s-%s@%s (version %s)", name, stage.upper(), cfg.study,
                      name, stage, version)
 

@@ -400,7 +400,7 @@ class Tracker:
     # -- the Model Registry -------------------------------------------------------------------
 
     def register_model(self, name: str, alias: str, run_id: str, folder: Path, *, params: dict[str, Any],
-                       metrics: dict[str, float], tags: dict[str, str]) -> str:
+                       metrics: dict[str, float], tags: dict[str, str], description: str = "") -> str:
         """A stage's selected model as an MLflow 3 LoggedModel of `run_id` (the files in `folder` as its
         artifacts, `params`, `metrics` linked to it, `tags`), registered as a new version of `name`
         with the alias `alias`; returns the version. Waits for MLflow (the study's end does).
@@ -439,7 +439,7 @@ class Tracker:
         with _use_tracking_uri(self.tracking_uri):
             version = self._wait(lambda: self.client.create_model_version(
                 name, source=f"models:/{model.model_id}", run_id=run_id, model_id=model.model_id, tags=tags,
-                await_creation_for=0))
+                description=description, await_creation_for=0))
         self._wait(lambda: self.client.set_registered_model_alias(name, alias, version.version))
         return version.version
 

@@ -48,6 +48,7 @@ def test_exported_full_weights_are_the_scored_model_in_a_fresh_process(study, st
     card = (out / "MODEL_CARD.md").read_text()
     entry = results["tasks"]["uti"]["stages"][stage]
     assert f"at optimizer step {entry['selected']['step']}" in card and "| train | 300 |" in card
+    assert "fine-tuning: full weights" in card and "in float32, a plain Hugging Face model folder" in card
     assert f"{entry['test']['f1']:.3f}" in card and "not been validated for clinical use" in card
 
 

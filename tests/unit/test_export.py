@@ -114,7 +114,7 @@ def _results() -> dict:
                                          "sft": stage, "dpo": {**stage, "test": {"f1": 0.9, "accuracy": 0.88}}},
                               "comparisons": [{"metric": "f1", "a": "sft", "b": "dpo", "test": "mcnemar_exact",
                                                "p_value": 0.004, "p_adjusted": 0.004, "significant": True,
-                                               "bootstrap": {"f1": {"diff": 0.15, "ci": [0.05, 0.25]}}}]}}}
+                                               "bootstrap": {"f1": {"diff": -0.15, "ci": [-0.25, -0.05]}}}]}}}
 
 
 def test_the_model_card_says_what_was_trained_on_what_and_how_it_scored():
@@ -129,7 +129,7 @@ def test_the_model_card_says_what_was_trained_on_what_and_how_it_scored():
     for said in ("the DPO model", "meta-llama/Meta-Llama-3-8B-Instruct", "rank 32", "--max-lora-rank",
                  "| train | 300 | `" + "c" * 64, "| eval | not recorded |", "learning_rate 0.001, at optimizer step 10",
                  "sweep of 4 trials", "| DPO (this model) | 0.800 | f1 0.900, accuracy 0.880 |",
-                 "| f1 | SFT vs DPO | +0.150 (+0.050, +0.250) | mcnemar_exact | 0.004 | 0.004 | yes |",
+                 "| f1 | SFT vs DPO | -0.150 (-0.250, -0.050) | mcnemar_exact | 0.004 | 0.004 | yes |", "a minus b",
                  "Bonferroni: alpha / m", "| SFT | 1.5 | 6 | 3.75 |", "trained with: clinft-ray 0.1.0, trl 1.16.0",
                  "not been validated for clinical use", "protected health information", "subgroup",
                  "differ from those of the model clinft-ray scored by at most 2e-06"):
@@ -137,6 +137,11 @@ def test_the_model_card_says_what_was_trained_on_what_and_how_it_scored():
     reference = model_card(selected, {"format": "checkpoint", "checkpoint": "/s/ray/uti-dpo/ckpt",
                                       "exported": "2026-12-02 10:00 UTC"})
     assert "models:/uti-llama3-uti@dpo" in reference and "by `clinft export`" in reference
+    full = Selected("uti-llama3", "uti", "sft", ModelConfig.model_validate({**results["config"]["model"], "finetune": "full"}),
+                    "/s/ray/uti-sft/ckpt", results)
+    card = model_card(full, {"format": "merged", "dtype": "bfloat16", "exported": "2026-12-02 10:00 UTC",
+                             "check": {"probe_tokens": 48, "max_abs_diff": 0.0, "max_abs_logit": 9.1}})
+    assert "fine-tuning: full weights" in card and "LoRA" not in card and "at most 0 (identical)" in card
 
 
 @pytest.mark.parametrize(("task", "stage", "said"), [
