@@ -6,7 +6,8 @@ task's metric (F1, accuracy, the judge's score; never the loss). The whole rule 
   fewest steps among equal scores;
 - across trials (`select_best`) the highest dev score wins; ties break toward fewer training steps
   (cheaper, and closer to the plateau the paper read off by hand), then toward the trial listed first
-  in the search space (Tune's trial index, which a restored sweep keeps).
+  in the search space (Tune's trial index, which a restored sweep keeps; under Optuna, the trial it
+  suggested first, `trial_order`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,16 @@ def candidates(grid: Any, metric: str) -> list[Candidate]:
         trial = result.metrics["trial_id"]
         # Ties go to the trial listed first in the search space: Tune's trial index, which stays the
         # same when a sweep is restored (the order of the result grid does not).
-        out.append(Candidate(trial=trial, step=step, dev=float(best[col]), order=int(trial.rsplit("_", 1)[-1]),
+        out.append(Candidate(trial=trial, step=step, dev=float(best[col]), order=trial_order(trial, df),
                              payload=result, checkpoint=path))
     return out
+
+
+def trial_order(trial_id: str, df: Any) -> int:
+    """Where a trial stands in its sweep: Tune's trial index (`<run>_00003`) for a grid or random sweep;
+    under a searcher (Optuna), whose trial ids carry no index, the time of its first report, which is
+    the order the searcher suggested it in."""
+    run, _, index = trial_id.rpartition("_")
+    if run and index.isdigit():
+        return int(index)
+    return int(df["timestamp"].min()) if "timestamp" in df else 0

@@ -14,7 +14,8 @@ turns it into the `param_space` of a Ray Tune `Tuner`.
 
 `scheduler: {asha: {grace_steps: 200, reduction_factor: 3}}` stops trials early with Ray Tune's
 `ASHAScheduler` on the dev score they report (`to_scheduler()`); without it every trial trains to
-`max_steps`. `patience: N` stops a trial after N evals in a row without a better dev score (its own
+`max_steps`. `search: {optuna: {seed: 0}}` lets Optuna's TPE pick each of the `num_samples` trials'
+values from the ones before (`to_searcher()`), over `loguniform` / `choice` values only. `patience: N` stops a trial after N evals in a row without a better dev score (its own
 plateau, `trial.DevReport`), independently of the other trials.
 """
 
@@ -88,6 +89,21 @@ class Scheduler(_Strict):
     asha: Asha
 
 
+class Optuna(_Strict):
+    """Optuna's TPE sampler through Ray Tune's `OptunaSearch`: `num_samples` trials (the budget), each
+    configuration suggested from the dev scores of the trials that finished before it. Seeded, and with
+    `max_concurrent: 1` (the default) each suggestion sees every earlier trial, so a sweep on one GPU is
+    reproducible; more in flight is faster on several GPUs, and what is suggested then depends on which
+    trials finish first."""
+
+    seed: int = 0
+    max_concurrent: int = Field(1, gt=0, description="trials in flight; 1 makes the sweep reproducible")
+
+
+class Search(_Strict):
+    optuna: Optuna
+
+
 SWEEPS = {"grid": Grid, "choice": Choice, "loguniform": LogUniform}
 
 
@@ -146,6 +162,8 @@ class SearchSpace(_Strict):
     scheduler: Scheduler | None = Field(None, description="early stopping; default: every trial to max_steps")
     patience: int | None = Field(None, gt=0, description="stop a trial after this many evals without a better dev "
                                  "score (its plateau); default: every trial to max_steps")
+    search: Search | None = Field(None, description="{optuna: {seed, max_concurrent}}: Optuna's TPE picks each "
+                                  "trial's values; default: the grid, or random sampling of choice/loguniform")
 
     @field_validator("learning_rate", "beta", mode="before")
     @classmethod
@@ -182,6 +200,15 @@ class SearchSpace(_Strict):
                              "scored; lower eval_steps")
         if self.scheduler is not None:
             self._check_asha(self.scheduler.asha)
+        if self.search is not None:
+            swept = self.swept()
+            grids = [k for k, v in swept.items() if isinstance(v, Grid)]
+            if grids:
+                raise ValueError(f"search.optuna samples its values, so {', '.join(grids)} cannot be a grid; write "
+                                 "{loguniform: [low, high]} or {choice: [...]}, and the budget as num_samples")
+            if not any(isinstance(v, Choice | LogUniform) for v in swept.values()):
+                raise ValueError("search.optuna has nothing to search: make learning_rate (or beta) "
+                                 "{loguniform: [low, high]} or {choice: [...]}")
         return self
 
     def _check_asha(self, asha: Asha) -> None:
@@ -224,6 +251,22 @@ class SearchSpace(_Strict):
         asha = self.scheduler.asha
         return ASHAScheduler(time_attr="step", metric=f"dev/{metric}", mode="max", max_t=self.max_steps,
                              grace_period=asha.grace_steps, reduction_factor=asha.reduction_factor)
+
+    def to_searcher(self, metric: str) -> Any:
+        """The Tune search algorithm: Optuna's seeded TPE on each trial's best dev score (`dev_best/<metric>`,
+        what selection would take from it), at most `max_concurrent` trials in flight; or None (Tune's
+        own: the grid, or random sampling)."""
+        if self.search is None:
+            return None
+        import optuna
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        opt = self.search.optuna
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        searcher = OptunaSearch(metric=f"dev_best/{metric}", mode="max",
+                                sampler=optuna.samplers.TPESampler(seed=opt.seed))
+        return ConcurrencyLimiter(searcher, max_concurrent=opt.max_concurrent)
 
     def num_trials(self) -> int:
         """Trials Tune will run: the product of the grids, times `num_samples`."""

@@ -118,6 +118,7 @@ def run_sweep(trainable: Any, *, name: str, space: SearchSpace, storage_path: st
         tune_config=tune.TuneConfig(
             num_samples=space.num_samples,
             scheduler=space.to_scheduler(metric),
+            search_alg=space.to_searcher(metric),
             # A finished trial's worker process runs the next trial of the sweep (same resources):
             # torch, transformers and TRL stay imported, which is most of a short trial's start-up.
             # Each trial still loads its model, data and seed afresh, so results do not depend on it.

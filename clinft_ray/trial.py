@@ -243,6 +243,8 @@ class DevReport(TrainerCallback):
         control.should_training_stop = True
         control.should_save = control.should_evaluate = False
         self.pending = None
+        if math.isfinite(self.best):  # what a searcher learns from a trial that stopped here
+            row = {**row, f"dev_best/{self.metric}": self.best}
         self.reporter.report({**row, "stopped": reason})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -265,6 +267,7 @@ class DevReport(TrainerCallback):
         row["keep/dev"] = dev if dev > self.best else -math.inf
         self.since_best = 0 if dev > self.best else self.since_best + 1
         self.best = max(self.best, dev)
+        row[f"dev_best/{self.metric}"] = self.best  # the trial's best so far: what a searcher learns from
         if self.patience is not None and self.since_best >= self.patience:
             row["stopped"] = f"dev plateau ({self.patience} evals without a better {self.metric})"
             control.should_training_stop = True

@@ -36,3 +36,15 @@ def test_payload_comes_back_with_the_winner():
 def test_empty_list_raises():
     with pytest.raises(ValueError, match="no trial reported a dev score"):
         select_best([])
+
+
+def test_trial_order_is_tunes_index_or_under_a_searcher_the_first_report():
+    import pandas as pd
+
+    from clinft_ray.selection import trial_order
+
+    assert trial_order("5f3a1_00003", pd.DataFrame({"timestamp": [50]})) == 3
+    # Optuna's trials have ids without an index: the one suggested (and so reporting) first comes first
+    assert trial_order("a0b9266d", pd.DataFrame({"timestamp": [1700000123, 1700000160]})) == 1700000123
+    assert trial_order("a0b9266d", pd.DataFrame({"timestamp": [1700000123]})) < \
+        trial_order("6e152819", pd.DataFrame({"timestamp": [1700000190]}))
