@@ -161,8 +161,9 @@ def export(selected: Selected, to: str | Path, fmt: str = "merged", dtype: str |
     dest = Path(to)
     if fmt not in FORMATS:
         raise PreflightError(f"--format {fmt!r}: it takes merged or adapter")
-    if dest.exists() and any(dest.iterdir()):
-        raise PreflightError(f"{dest} is not empty; export into a new folder (nothing was written)")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise PreflightError(f"{dest} {'is not empty' if dest.is_dir() else 'is a file'}; export into a new folder "
+                             "(nothing was written)")
     cfg = selected.model
     if fmt == "adapter" and cfg.finetune != "lora":
         raise PreflightError(f"study {selected.study} fine-tuned full weights: there is no adapter; export --format merged")

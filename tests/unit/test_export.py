@@ -158,3 +158,17 @@ def test_from_study_names_what_is_wrong(tmp_path, task, stage, said):
         from_study(tmp_path, task, stage)
     with pytest.raises(PreflightError, match="holds no finished study"):
         from_study(tmp_path / "nothing", task, stage)
+
+
+def test_export_refuses_a_destination_that_holds_something(tmp_path):
+    from clinft_ray.config import ModelConfig
+    from clinft_ray.export import Selected, export
+
+    selected = Selected("s", "uti", "sft", ModelConfig(name_or_path="x", finetune="full"), "/nowhere", _results())
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "a").write_text("x")
+    for dest, said in (("file", "is a file"), ("full", "is not empty")):
+        with pytest.raises(PreflightError, match=f"{said}; export into a new folder"):
+            export(selected, tmp_path / dest)
+    assert (tmp_path / "file").read_text() == "x" and [p.name for p in (tmp_path / "full").iterdir()] == ["a"]
