@@ -350,8 +350,8 @@ def export(args: argparse.Namespace) -> int:
     """`clinft export`: the selected model of a study folder or of a registered version, written and checked."""
     import tempfile
 
+    from clinft_ray.export import difference, from_registry, from_study
     from clinft_ray.export import export as write
-    from clinft_ray.export import from_registry, from_study
 
     with tempfile.TemporaryDirectory() as scratch:
         if args.source.startswith("models:/"):
@@ -371,8 +371,8 @@ def export(args: argparse.Namespace) -> int:
         dest = write(selected, args.to, args.format, args.dtype).resolve()
     check = json.loads((dest / "clinft_export.json").read_text())["check"]
     print(f"{dest}: the {selected.stage.upper()} model of {selected.study} / {selected.task} as {args.format}")
-    print(f"checked: logits within {check['max_abs_diff']:.2g}{' (identical)' * (check['max_abs_diff'] == 0)} of the scored model's (largest {check['max_abs_logit']:.3g}) "
-          f"on a {check['probe_tokens']}-token probe")
+    print(f"checked: logits within {difference(check)} of the scored model's, on a {check['probe_tokens']}-token "
+          "probe")
     print(f"model card: {dest / 'MODEL_CARD.md'}")
     if args.format == "adapter":
         print(f"serve: vllm serve {selected.model.name_or_path} --enable-lora --lora-modules "

@@ -264,6 +264,12 @@ def probe_difference(cfg: ModelConfig, checkpoint: str, folder: Path, fmt: str) 
             "probe_tokens": PROBE_TOKENS}
 
 
+def difference(check: dict[str, float]) -> str:
+    """An export's check in words: its largest logit difference (identical at 0) and the largest logit."""
+    exact = " (identical)" if check["max_abs_diff"] == 0 else ""
+    return f"{check['max_abs_diff']:.2g}{exact} (largest logit {check['max_abs_logit']:.3g})"
+
+
 def model_card(selected: Selected, meta: dict[str, Any]) -> str:
     """MODEL_CARD.md: what was trained on what (fingerprints and row counts, no text), how it was
     selected, how it scored against the base and the other stage, what it cost, which versions, and
@@ -287,9 +293,8 @@ def model_card(selected: Selected, meta: dict[str, Any]) -> str:
         form = f"merged weights (the whole chain: {chain}) in {meta['dtype']}, a plain Hugging Face model folder"
     check = meta.get("check")
     checked = (f"on a probe of {check['probe_tokens']} seeded random token ids (no text), its logits differ from "
-               f"those of the model clinft-ray scored by at most {check['max_abs_diff']:.2g}{' (identical)' * (check['max_abs_diff'] == 0)} (largest logit "
-               f"{check['max_abs_logit']:.3g})") if check else "by `clinft export`, which compares the logits of "\
-        "what it writes with those of the model clinft-ray scored"
+               f"those of the model clinft-ray scored by at most {difference(check)}") if check else \
+        "by `clinft export`, which compares the logits of what it writes with those of the model clinft-ray scored"
     lines = [f"# {selected.study} / {selected.task}: the {stage.upper()} model", "",
              f"Exported by clinft-ray {installed('clinft-ray')} on {meta['exported']} from the study "
              f"`{selected.study}` (fingerprint `{r.get('fingerprint', '')[:16]}`).", "",

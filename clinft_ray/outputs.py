@@ -95,10 +95,9 @@ def register_models(cfg: StudyConfig, results: dict[str, Any], tracker: Tracker,
     """Each task's selected SFT and DPO models in the MLflow Model Registry: a LoggedModel of the stage
     run (`export.registry_files`: the card, and the LoRA chain's combined adapter or a reference to
     the full weights) with its dev and test metrics, registered as `<study>-<task>`, alias the stage."""
-    from clinft_ray.config import ModelConfig
     from clinft_ray.export import Selected, registry_files
 
-    model = ModelConfig.model_validate(results["config"]["model"])
+    model = cfg.model
     for name, task in results["tasks"].items():
         for stage in ("sft", "dpo"):
             entry = task["stages"][stage]

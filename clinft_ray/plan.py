@@ -100,15 +100,9 @@ def steps(space: SearchSpace) -> tuple[int, int, int, int]:
     return n * every, best_all, n * (every // space.eval_steps), best_all // space.eval_steps
 
 
-def _answers(task: TaskConfig) -> list[str] | None:
-    from clinft_ray.evaluate import loglik_candidates
-
-    return loglik_candidates(task)
-
-
 def task_tokens(tokenizer: Any, task: TaskConfig, data: dict[str, list[Example]]) -> Tokens:
     """The token counts of a task's splits (`evaluate.row_tokens`: exactly the ids TRL trains)."""
-    from clinft_ray.evaluate import prompt_ids, row_tokens
+    from clinft_ray.evaluate import loglik_candidates, prompt_ids, row_tokens
 
     def pair(e: Example) -> tuple[int, int]:
         chosen, rejected = row_tokens(tokenizer, e.prompt, e.chosen), row_tokens(tokenizer, e.prompt, e.rejected)
@@ -116,7 +110,7 @@ def task_tokens(tokenizer: Any, task: TaskConfig, data: dict[str, list[Example]]
 
     train = [pair(e) for e in data["train"]]
     evl = [pair(e) for e in data["eval"]]
-    candidates = _answers(task)
+    candidates = loglik_candidates(task)
 
     def scoring(examples: list[Example]) -> int:
         if candidates is not None:
