@@ -215,7 +215,7 @@ class DevReport(TrainerCallback):
     `checkpoint-N` folder of transformers); `on_save` adds clinft's manifest (`manifest(folder, step)`)
     and reports it with the eval's row. Ray keeps two per trial: the latest, which a retried or
     resumed trial continues from, and the best on dev: `keep/dev` is the dev score where it improved
-    on the trial's best and -inf elsewhere, so among equal scores the earliest step is kept.
+    on the trial's best and `NOT_BEST` elsewhere, so among equal scores the earliest step is kept.
 
     Each row carries `dev_eval_s`, the seconds this attempt has spent scoring dev so far, which
     `tracking.TrialRuns` bills as the trial's `dev_eval` device time.
@@ -264,7 +264,7 @@ class DevReport(TrainerCallback):
         self.dev_eval_s += time.monotonic() - start
         dev = metrics[self.metric]
         row.update({f"dev/{k}": v for k, v in metrics.items()}, dev_eval_s=self.dev_eval_s)
-        row["keep/dev"] = dev if dev > self.best else -math.inf
+        row["keep/dev"] = dev if dev > self.best else NOT_BEST
         self.since_best = 0 if dev > self.best else self.since_best + 1
         self.best = max(self.best, dev)
         row[f"dev_best/{self.metric}"] = self.best  # the trial's best so far: what a searcher learns from
@@ -306,6 +306,10 @@ class DevReport(TrainerCallback):
 
 
 DEV_STATE = "clinft_dev.json"
+# `keep/dev` of an eval that did not improve on the trial's best: below any dev score, and finite, since
+# Ray Train's checkpoint manager writes its scores as JSON (-inf becomes null) and fails to restore a run
+# from them ("unsupported operand type(s) for *: 'float' and 'NoneType'").
+NOT_BEST = -1.0e9
 
 
 def resume_point(reporter: Reporter) -> tuple[str | None, tuple[float, int]]:

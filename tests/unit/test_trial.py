@@ -6,7 +6,7 @@ from __future__ import annotations
 from ray.tune import Checkpoint
 
 from clinft_ray.modeling import MANIFEST, read_manifest
-from clinft_ray.trial import newest_whole
+from clinft_ray.trial import NOT_BEST, newest_whole
 
 from helpers import whole_checkpoint
 
@@ -53,7 +53,7 @@ def test_a_trial_stops_at_its_dev_plateau_after_patience_evals():
     # dev F1 by eval: 0.67, 0, 0.67, 1.0 (an equal score is no better)
     rows, stopped = _evals([0.67, 0.0, 0.67, 1.0], patience=2)
     assert stopped == 3 and "dev plateau" in rows[-1]["stopped"]
-    assert [r["keep/dev"] for r in rows] == [0.67, float("-inf"), float("-inf")]
+    assert [r["keep/dev"] for r in rows] == [0.67, NOT_BEST, NOT_BEST]
     assert _evals([0.67, 0.0, 0.67, 1.0], patience=1)[1] == 2
     assert _evals([0.0, 1.0, 1.0, 1.0], patience=1)[1] == 3
     assert _evals([0.67, 0.0, 0.67, 1.0], patience=None)[1] is None  # no patience: every eval
