@@ -12,7 +12,6 @@ task's metric (F1, accuracy, the judge's score; never the loss). The whole rule 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +52,9 @@ def candidates(grid: Any, metric: str) -> list[Candidate]:
             step = int(best["step"])
             path = best.get("checkpoint_path") if "checkpoint_path" in df else None
             if isinstance(path, str):
-                if not os.path.isdir(path) or incomplete(path) is None:  # checked where it is a local folder
+                # On the sweep's storage, as the Train run wrote it; gone if Train has since deleted it
+                # (it keeps the trial's best on dev and its latest), or cut short by a kill.
+                if incomplete(path, result.filesystem) is None:
                     break
                 path = None
             kept = [c for c, m in (result.best_checkpoints or []) if int(m.get("step", -1)) == step
@@ -61,6 +62,10 @@ def candidates(grid: Any, metric: str) -> list[Candidate]:
             if kept:
                 path = kept[0].path
                 break
+        if "checkpoint_path" in df:  # a multi-worker trial: what its Train run kept, whatever Tune still has
+            for kept_step, kept_dev, kept_path in train_kept_bests(result, df["checkpoint_path"]):
+                if path is None or (-kept_dev, kept_step) < (-float(best[col]), step):
+                    path, step, best = kept_path, kept_step, {col: kept_dev}
         if path is None:
             continue
         trial = result.metrics["trial_id"]
@@ -69,6 +74,41 @@ def candidates(grid: Any, metric: str) -> list[Candidate]:
         out.append(Candidate(trial=trial, step=step, dev=float(best[col]), order=trial_order(trial, df),
                              payload=result, checkpoint=path))
     return out
+
+
+def train_kept_bests(result: Any, reported: Any) -> list[tuple[int, float, str]]:
+    """(step, dev, path) of each whole checkpoint that a multi-worker trial's Ray Train run holds in
+    storage and that was a new best on dev when it was saved. A Tune trial whose training runs in Ray
+    Train holds no Tune checkpoint, so when a sweep is restored (a driver stopped or lost) Tune starts
+    its record of that trial afresh while Train resumes from its own checkpoints: the rows before the
+    stop are gone from `metrics_dataframe`, but the best checkpoint among them is still in the Train
+    run's folder, with the dev score it was saved at (`trial.DEV_STATE`)."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    from clinft_ray.modeling import MANIFEST
+    from clinft_ray.trial import DEV_STATE
+
+    fs = result.filesystem
+    folders = {p.rstrip("/").rsplit("/", 1)[0] for p in reported.dropna() if isinstance(p, str)}
+    found = []
+    for folder in folders:
+        infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        for info in infos:
+            if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_") \
+                    or incomplete(info.path, fs) is not None:
+                continue
+            try:
+                with fs.open_input_stream(f"{info.path}/{DEV_STATE}") as f:
+                    dev = json.loads(f.read())
+                with fs.open_input_stream(f"{info.path}/{MANIFEST}") as f:
+                    step = int(json.loads(f.read())["step"])
+            except (OSError, ValueError, KeyError):
+                continue
+            if dev.get("since_best") == 0:
+                found.append((step, float(dev["best"]), info.path))
+    return found
 
 
 def trial_order(trial_id: str, df: Any) -> int:

@@ -48,3 +48,53 @@ def test_trial_order_is_tunes_index_or_under_a_searcher_the_first_report():
     assert trial_order("a0b9266d", pd.DataFrame({"timestamp": [1700000123, 1700000160]})) == 1700000123
     assert trial_order("a0b9266d", pd.DataFrame({"timestamp": [1700000123]})) < \
         trial_order("6e152819", pd.DataFrame({"timestamp": [1700000190]}))
+
+
+def _train_checkpoint(run, name: str, step: int, best: float, since_best: int) -> str:
+    """A whole clinft-ray checkpoint in a Ray Train run's folder, as rank 0 saves it."""
+    import json
+
+    folder = run / name
+    folder.mkdir(parents=True)
+    (folder / "clinft_dev.json").write_text(json.dumps({"best": best, "since_best": since_best}))
+    (folder / "adapter_model.safetensors").write_bytes(b"w" * 8)
+    files = {f.name: f.stat().st_size for f in folder.iterdir()}
+    (folder / "clinft_checkpoint.json").write_text(json.dumps({"step": step, "files": files}))
+    return str(folder)
+
+
+class _Result:
+    """What `candidates` reads of a Tune `Result`."""
+
+    def __init__(self, df, trial_id: str):
+        import pyarrow.fs as pafs
+
+        self.metrics_dataframe, self.metrics, self.best_checkpoints = df, {"trial_id": trial_id}, []
+        self.filesystem = pafs.LocalFileSystem()
+
+
+def test_a_multi_worker_trial_keeps_its_best_when_a_restored_sweep_lost_its_early_rows(tmp_path):
+    """A sweep restored after its driver stopped: Tune starts its record of a multi-worker trial afresh
+    (it holds no Tune checkpoint), so the rows before the stop are gone, but the best checkpoint among
+    them is in the Train run's folder with the dev score it was saved at, and it is still selected.
+    A row whose checkpoint Train has deleted (neither the best nor the latest) is passed over."""
+    import pandas as pd
+
+    from clinft_ray.selection import candidates
+
+    run = tmp_path / "uti-dpo-91c2f_00000"
+    best5 = _train_checkpoint(run, "checkpoint_a", step=5, best=1.0, since_best=0)  # before the stop
+    latest = _train_checkpoint(run, "checkpoint_c", step=30, best=1.0, since_best=5)
+    # After the restore Tune has only the rows from step 10 on; step 20 (dev 1.0) was deleted by Train.
+    df = pd.DataFrame({"step": [10, 20, 30], "dev/f1": [0.9, 1.0, 1.0], "trial_id": ["91c2f_00000"] * 3,
+                       "checkpoint_path": [str(run / "checkpoint_b"), str(run / "checkpoint_gone"), latest]})
+    [found] = candidates([_Result(df, "91c2f_00000")], "f1")
+    assert (found.step, found.dev, found.checkpoint) == (5, 1.0, best5)
+
+    # Without the checkpoint of step 5 the best whole one Tune still knows wins: step 30, not the
+    # deleted step 20.
+    import shutil
+
+    shutil.rmtree(best5)
+    [found] = candidates([_Result(df, "91c2f_00000")], "f1")
+    assert (found.step, found.checkpoint) == (30, latest)
