@@ -13,7 +13,8 @@
                                                               checked against the model that was scored
 
 Every command takes `--debug`. Exit codes: 0 done, 2 bad config, data, locations or resources (one line
-per problem, no row text), 1 anything else: an unexpected error is one `clinft: error:` line with its
+per problem, no row text), 130 Ctrl-C, 143 SIGTERM (both: runs KILLED, state saved, the same command goes
+on), 1 anything else: an unexpected error is one `clinft: error:` line with its
 type and where it happened, and its traceback goes to a local log file (never to MLflow), or to the
 console with `--debug`.
 """
@@ -24,7 +25,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "console", None):
         os.environ["CLINFT_CONSOLE"] = args.console  # read by the sweep (`console.level`)
     console_logging(os.environ.get("CLINFT_CONSOLE", "normal"))
+    if args.command in ("run", "demo"):
+        stop_on_signals()
     try:
         from clinft_ray.trial import quiet_libraries
 
@@ -120,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clinft: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if TERMINATED.is_set():
+            print("clinft: stopped by SIGTERM; the study's runs are marked KILLED and its state is saved: run "
+                  "the same command (or resubmit the same job) to go on where it stopped", file=sys.stderr)
+            return 143
         print("clinft: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 (the one place that turns any other error into one line)
@@ -129,6 +138,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clinft: error: unexpected {type(exc).__name__} in {where(exc)}; the traceback is in "
               f"{crash_log(exc)} (or rerun with --debug to see it here)", file=sys.stderr)
         return 1
+
+
+TERMINATED = threading.Event()  # set by SIGTERM (`stop_on_signals`)
+
+
+def stop_on_signals() -> None:
+    """`run` and `demo` stop on SIGTERM (a preempted node, `ray job stop`, `kubectl delete`, systemd) as
+    on Ctrl-C: Ray Tune ends a running sweep and saves its state to storage (`sweep.request_stop`),
+    the study marks its runs KILLED, and the exit code says which (143, 130). Python's default for
+    SIGTERM is to die at once, leaving the study's MLflow runs RUNNING and the last seconds of Tune's
+    record unsaved. A second signal of the same kind stops at once. Only the main thread can set
+    handlers; elsewhere the defaults stay."""
+    from clinft_ray.sweep import request_stop
+
+    def stop(signum: int, frame: object) -> None:
+        if signum == signal.SIGTERM:
+            TERMINATED.set()
+        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+        if not request_stop():
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
 
 
 def package_version() -> str:

@@ -15,6 +15,8 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ from clinft_ray.preflight import (
 from clinft_ray.progress import Progress, scored_from_json, scored_to_json, stage_from_json, stage_to_json
 from clinft_ray.report import versions
 from clinft_ray.sft import run_sft
-from clinft_ray.sweep import StageResult, device_task
+from clinft_ray.sweep import SYNC_PERIOD_S, StageResult, device_task
 from clinft_ray.tasks import load_task_split, one_prediction
 from clinft_ray.tracking import (
     HOUR_UNITS,
@@ -319,13 +321,17 @@ def ray_environment() -> None:
     already set wins). `clinft run` sets it; a benchmark or a test session that starts its own Ray
     calls it too."""
     # Tune warns when trials checkpoint often; scoring dev per eval interval is the design here.
+    # It saves its experiment state every 2 s (its default adapts, 10 s at least), which goes to
+    # storage with the trials' rows (`sweep.run_sweep`'s sync_period): a driver lost loses seconds.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(SYNC_PERIOD_S))
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # A failed trial's traceback goes to its error.txt in the output directory, not to the console:
     # an exception message could quote a row. The study's own error says where to look.
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     # Tune's own Ctrl-C handler stops the sweep and returns as if it had finished, and the study would
-    # then select from half-run trials. Without it, Ctrl-C raises KeyboardInterrupt out of fit(): the
-    # study marks its runs KILLED and stops (Tune's experiment state stays on disk).
+    # then select from half-run trials. `clinft` handles Ctrl-C and SIGTERM itself (`cli.stop_on_signals`):
+    # Tune ends the sweep and saves its state, then the study marks its runs KILLED and stops. A
+    # caller without that handler (a script, a notebook) gets KeyboardInterrupt out of fit() at once.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     # Ray Train's print patch copies prints that libraries capture on purpose (dill's code hashing
     # in `datasets`) into the worker logs, pages of bytecode per trial. On a cluster the job's
@@ -353,6 +359,10 @@ def start_ray(study: Study) -> TrialResources:
 
     cfg = study.config
     ray_environment()
+    # ray.init replaces the SIGTERM handler with its own (sys.exit); the caller's stays (`clinft run`
+    # stops the study on SIGTERM as on Ctrl-C: `cli.stop_on_signals`).
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None  # None: not set from Python
     if ray.is_initialized():
         pass
     elif cfg.ray.address or os.environ.get("RAY_ADDRESS"):  # a cluster (a Ray job's driver gets RAY_ADDRESS)
@@ -360,6 +370,8 @@ def start_ray(study: Study) -> TrialResources:
     else:  # a local Ray for this process: its dashboard (and job API) listen on loopback only
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  logging_level=logging.WARNING)
+    if on_sigterm is not None:
+        signal.signal(signal.SIGTERM, on_sigterm)
     return trial_resources(cfg.resources, ray.cluster_resources())
 
 

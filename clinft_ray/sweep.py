@@ -15,6 +15,8 @@ the workers report with `ray.train.report`, rank 0 writes the checkpoint, and Ra
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +83,40 @@ def trainable(train: Callable[[dict[str, Any], Reporter], None], resources: Tria
     return tune.with_resources(driver, {"CPU": DRIVER_CPUS})
 
 
+SYNC_PERIOD_S = 2  # see `run_sweep`
+STOP = threading.Event()  # a stop asked for by a signal (`request_stop`)
+_fitting = threading.Event()  # a sweep is in `Tuner.fit`
+
+
+def request_stop() -> bool:
+    """Called by the driver's signal handler (`cli.stop_on_signals`) for Ctrl-C or SIGTERM. During a
+    sweep, Tune is asked to end it the way Ray documents for a manual stop: it ends the trials and
+    writes its experiment state and every trial's rows to storage one last time (SIGUSR1, the signal
+    Tune's handler takes besides SIGINT), then `fit` raises KeyboardInterrupt. Returns False outside a
+    sweep: the caller raises KeyboardInterrupt itself."""
+    STOP.set()
+    if not _fitting.is_set():
+        return False
+    # Tune's two warnings about it ("Press CTRL+C ... to skip", "Resume experiment with:
+    # Tuner.restore(...)") would contradict clinft's own line, which says how to go on.
+    logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
+    signal.raise_signal(signal.SIGUSR1)
+    return True
+
+
+def fit(tuner: Any) -> Any:
+    """`tuner.fit()`, raising KeyboardInterrupt when a stop was asked for: the study then marks its runs
+    KILLED and selects nothing from a half-run sweep."""
+    _fitting.set()
+    try:
+        grid = tuner.fit()
+    finally:
+        _fitting.clear()
+    if STOP.is_set():
+        raise KeyboardInterrupt
+    return grid
+
+
 def run_sweep(trainable: Any, *, name: str, space: SearchSpace, storage_path: str, callbacks: list,
               retries: int, resume: bool, metric: str) -> Any:
     """Run one stage's trials with Ray Tune; returns the `ResultGrid`. `storage_path` is an absolute
@@ -100,9 +136,7 @@ def run_sweep(trainable: Any, *, name: str, space: SearchSpace, storage_path: st
     from clinft_ray.console import tune_verbosity
 
     # Tune's CSV and JSON results (what `ResultGrid` reads back), not its TensorBoard files: MLflow holds
-    # the curves, and TensorBoard's writer warns "NaN or Inf found in input tensor" at every -inf
-    # `keep/dev` a trial reports, which reads like a diverging loss (the study sets
-    # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS, `study.ray_environment`).
+    # the curves (the study sets TUNE_DISABLE_AUTO_CALLBACK_LOGGERS, `study.ray_environment`).
     callbacks = [*callbacks, CSVLoggerCallback(), JsonLoggerCallback()]
     experiment = f"{storage_path.rstrip('/')}/{name}"
     if resume and tune.Tuner.can_restore(experiment):
@@ -110,7 +144,7 @@ def run_sweep(trainable: Any, *, name: str, space: SearchSpace, storage_path: st
         # Tune restores the callbacks pickled when the sweep began, with the MLflow state of the
         # process that was interrupted; this process's callbacks carry the state as it is now.
         tuner._local_tuner._run_config.callbacks = callbacks
-        return tuner.fit()
+        return fit(tuner)
     names = trial_name(name)
     tuner = tune.Tuner(
         trainable,
@@ -131,13 +165,21 @@ def run_sweep(trainable: Any, *, name: str, space: SearchSpace, storage_path: st
             storage_path=storage_path,
             callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=retries),
+            # Tune's record of the trials (their result rows, the experiment state) goes from the
+            # driver's local staging folder to storage at most every `sync_period` (Ray's default:
+            # 300 s) and at each Tune checkpoint. A multi-worker trial checkpoints through Ray Train, not
+            # Tune, so without this a driver stopped or lost (`ray job stop`, a head restart) would
+            # lose minutes of its rows, and a resumed study could not select what it had seen.
+            # With `TUNE_GLOBAL_CHECKPOINT_S` (`study.ray_environment`) the record is in storage
+            # within seconds.
+            sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
             checkpoint_config=tune.CheckpointConfig(  # the best on dev, and Ray keeps the latest too
                 num_to_keep=1, checkpoint_score_attribute="keep/dev", checkpoint_score_order="max"
             ),
             verbose=tune_verbosity(),  # Tune's status tables with --verbose; `console.TrialConsole` otherwise
         ),
     )
-    return tuner.fit()
+    return fit(tuner)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@
     ray job list --address http://HEAD:8265
     ray job logs --address http://HEAD:8265 --follow <submission id>   # the trial events, live (--verbose: Tune's tables)
     ray job stop --address http://HEAD:8265 <submission id>            # stops every trial; runs -> KILLED
+                                                                       # (SIGTERM: see cli.stop_on_signals)
 
 The job's driver runs on the head node and joins the cluster (Ray sets RAY_ADDRESS for it), so the
 config needs no `ray.address`. Give `--out` (or `output_dir`, and `storage_path`) on storage every

@@ -181,3 +181,36 @@ def test_rays_token_notice_is_dropped_and_its_auth_off_warning_kept():
 
     assert not ray_auth.filter(record("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=..."))
     assert ray_auth.filter(record("Token authentication is disabled for this Ray cluster. Anyone with network ..."))
+
+
+def test_sigterm_and_ctrl_c_stop_the_study_where_it_is_and_a_second_one_at_once():
+    """Outside a sweep (loading data, scoring the base model) SIGTERM and Ctrl-C raise KeyboardInterrupt
+    where the driver is, so the study marks its runs KILLED; SIGTERM is noted for the exit code (143).
+    During a sweep Tune ends it first (`sweep.request_stop`, shown by the resume and cluster scenarios).
+    The handler is for one signal: a second SIGTERM gets Python's default, which ends the process."""
+    import os
+    import signal
+
+    import pytest
+
+    from clinft_ray import cli, sweep
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        cli.stop_on_signals()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 0.5)  # let the handler run
+        assert cli.TERMINATED.is_set() and sweep.STOP.is_set()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        cli.TERMINATED.clear()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.sigtimedwait([], 0.5)
+        assert not cli.TERMINATED.is_set()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        sweep.STOP.clear()
+        cli.TERMINATED.clear()
