@@ -43,7 +43,7 @@ from clinft_ray.preflight import (
 from clinft_ray.progress import Progress, scored_from_json, scored_to_json, stage_from_json, stage_to_json
 from clinft_ray.report import versions
 from clinft_ray.sft import run_sft
-from clinft_ray.sweep import SYNC_PERIOD_S, StageResult, device_task
+from clinft_ray.sweep import AWS_KEYS, SYNC_PERIOD_S, StageResult, device_task, keys_withheld, object_store
 from clinft_ray.tasks import load_task_split, one_prediction
 from clinft_ray.tracking import (
     HOUR_UNITS,
@@ -363,13 +363,22 @@ def start_ray(study: Study) -> TrialResources:
     # stops the study on SIGTERM as on Ctrl-C: `cli.stop_on_signals`).
     main_thread = threading.current_thread() is threading.main_thread()
     on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None  # None: not set from Python
+    cluster = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))  # a Ray job's driver gets RAY_ADDRESS
+    if cluster and (keys := [k for k in AWS_KEYS if k in os.environ]):
+        log.warning("%s %s set in this job's environment: %s", ", ".join(keys), "is" if len(keys) == 1 else "are",
+                    "Ray Tune copies them into every trial's runtime environment, which Ray writes in plain text "
+                    "to runtime_env_agent.log on each node; give the nodes credentials instead (an instance or "
+                    "pod role, a credentials file mounted on the nodes) and unset them"
+                    if object_store(cfg.storage_path) else
+                    "storage_path is not on S3, so clinft-ray does not pass them on to Ray")
     if ray.is_initialized():
         pass
-    elif cfg.ray.address or os.environ.get("RAY_ADDRESS"):  # a cluster (a Ray job's driver gets RAY_ADDRESS)
+    elif cluster:
         ray.init(address=cfg.ray.address, logging_level=logging.WARNING)
     else:  # a local Ray for this process: its dashboard (and job API) listen on loopback only
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 logging_level=logging.WARNING)
+        with keys_withheld(cfg.storage_path):  # its processes inherit this environment
+            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     logging_level=logging.WARNING)
     if on_sigterm is not None:
         signal.signal(signal.SIGTERM, on_sigterm)
     return trial_resources(cfg.resources, ray.cluster_resources())

@@ -15,10 +15,12 @@ the workers report with `ray.train.report`, rank 0 writes the checkpoint, and Ra
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,12 +106,40 @@ def request_stop() -> bool:
     return True
 
 
-def fit(tuner: Any) -> Any:
+# The AWS key variables Ray Tune copies from the driver's environment into every trial's runtime
+# environment, which Ray writes in plain text to runtime_env_agent.log on each node.
+AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+def object_store(storage_path: str) -> bool:
+    """Whether Ray needs the AWS keys to reach the storage (s3://, MinIO and other S3 endpoints included)."""
+    return storage_path.startswith(("s3://", "s3a://"))
+
+
+@contextmanager
+def keys_withheld(storage_path: str) -> Iterator[None]:
+    """Around what hands the driver's environment to Ray (`ray.init` of a local Ray, whose processes
+    inherit it; `Tuner.fit`, which copies the AWS keys into each trial's runtime environment): with
+    storage that is not on S3 the AWS keys are taken out of the environment, so that they reach no
+    Ray process and no Ray log, and put back after (MLflow's client on the driver may need them for an
+    S3 artifact store). With S3 storage the trials need them; `study.start_ray` warns on a cluster."""
+    if object_store(storage_path):
+        yield
+        return
+    held = {k: os.environ.pop(k) for k in AWS_KEYS if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(held)
+
+
+def fit(tuner: Any, storage_path: str) -> Any:
     """`tuner.fit()`, raising KeyboardInterrupt when a stop was asked for: the study then marks its runs
     KILLED and selects nothing from a half-run sweep."""
     _fitting.set()
     try:
-        grid = tuner.fit()
+        with keys_withheld(storage_path):
+            grid = tuner.fit()
     finally:
         _fitting.clear()
     if STOP.is_set():
@@ -144,7 +174,7 @@ def run_sweep(trainable: Any, *, name: str, space: SearchSpace, storage_path: st
         # Tune restores the callbacks pickled when the sweep began, with the MLflow state of the
         # process that was interrupted; this process's callbacks carry the state as it is now.
         tuner._local_tuner._run_config.callbacks = callbacks
-        return fit(tuner)
+        return fit(tuner, storage_path)
     names = trial_name(name)
     tuner = tune.Tuner(
         trainable,
@@ -179,7 +209,7 @@ def run_sweep(trainable: Any, *, name: str, space: SearchSpace, storage_path: st
             verbose=tune_verbosity(),  # Tune's status tables with --verbose; `console.TrialConsole` otherwise
         ),
     )
-    return fit(tuner)
+    return fit(tuner, storage_path)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ A scenario study is sized to the smallest search space and splits that still sho
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -211,10 +212,11 @@ def clinft(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def clinft_popen(*args: str) -> subprocess.Popen:
-    """`clinft ARGS` started as a command, for a test that signals or kills it."""
+def clinft_popen(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`clinft ARGS` started as a command, for a test that signals or kills it; `env` is added to this
+    process's environment."""
     return subprocess.Popen([sys.executable, "-m", "clinft_ray.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
 
 
 def clinft_here(capsys: Any, *args: str) -> subprocess.CompletedProcess:

@@ -2,12 +2,18 @@
 twice: Ctrl-C while its SFT sweep trains, then, run again, killed without warning in the middle of
 its DPO sweep; the third run of the same command ends as if never interrupted: the same selections and
 test scores as the small study run uninterrupted (`small_run`), every MLflow run continued (not
-duplicated) and FINISHED. The two interruptions share the runs; each test checks one of them."""
+duplicated) and FINISHED. The two interruptions share the runs; each test checks one of them.
+
+The three runs are started as from a shell that holds AWS keys (as many machines that reach S3 do), with
+Ray's files in a folder of their own: none of the keys may reach Ray's logs (the study's storage is
+local, so clinft-ray does not hand them to Ray)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,8 +25,12 @@ from helpers import clinft_popen, copy_demo
 pytestmark = pytest.mark.slow
 
 
-def _run(config: Path):  # noqa: ANN202
-    return clinft_popen("run", str(config), "--set", "ray.num_cpus=2")
+AWS_CANARY = {"AWS_ACCESS_KEY_ID": "AKIACLINFTCANARY0001", "AWS_SECRET_ACCESS_KEY": "clinft-canary-secret-5521",
+              "AWS_SESSION_TOKEN": "clinft-canary-session-5521"}
+
+
+def _run(config: Path, ray_tmp: str):  # noqa: ANN202
+    return clinft_popen("run", str(config), "--set", "ray.num_cpus=2", env={**AWS_CANARY, "RAY_TMPDIR": ray_tmp})
 
 
 def _wait(proc, done, what: str, timeout: float = 600) -> None:  # noqa: ANN001
@@ -36,15 +46,16 @@ def _statuses(client: MlflowClient) -> list:
 
 
 @pytest.fixture(scope="module")
-def interrupted(small_dir, small_run, tmp_path_factory) -> dict:
+def interrupted(small_dir, small_run, tmp_path_factory):  # noqa: ANN201
     """The three runs, and what each interruption left behind."""
     out = tmp_path_factory.mktemp("interrupted")
     config = copy_demo(small_dir, out)
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    seen: dict = {"out": out, "client": client}
+    ray_tmp = tempfile.mkdtemp(prefix="clinft-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    seen: dict = {"out": out, "client": client, "ray_tmp": Path(ray_tmp)}
 
     # 1. Ctrl-C once Tune has taken an SFT trial's first checkpoint (its row is in the trial's result.json)
-    proc = _run(config)
+    proc = _run(config, ray_tmp)
     _wait(proc, lambda: any(f.stat().st_size for f in (out / "ray" / "uti-sft").glob("*/result.json")),
           "SFT checkpoint", 240)
     proc.send_signal(signal.SIGINT)
@@ -55,7 +66,7 @@ def interrupted(small_dir, small_run, tmp_path_factory) -> dict:
                       "killed": {r.info.run_id for r in runs if r.info.status == "KILLED"}}
 
     # 2. the same command again; SIGKILL once the DPO sweep has checkpointed some trials
-    proc = _run(config)
+    proc = _run(config, ray_tmp)
     _wait(proc, lambda: len(list((out / "ray" / "uti-dpo").glob("*/checkpoint_*"))) >= 3, "DPO checkpoints")
     proc.kill()
     _, err = proc.communicate()
@@ -63,10 +74,11 @@ def interrupted(small_dir, small_run, tmp_path_factory) -> dict:
                        "progress": json.loads((out / "progress.json").read_text())}
 
     # 3. the same command once more, to the end
-    proc = _run(config)
+    proc = _run(config, ray_tmp)
     _, err = proc.communicate(timeout=900)
     seen["last"] = {"code": proc.returncode, "stderr": err}
-    return seen
+    yield seen
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _same_as_uninterrupted(results: dict, uninterrupted: dict) -> None:
@@ -135,3 +147,14 @@ def test_sigkill_during_dpo_then_rerun_gives_the_uninterrupted_result(interrupte
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")]
         assert len(steps) == len(set(steps)), run.info.run_name
         assert run.data.metrics["cpu_hours"] > 0
+
+
+def test_aws_keys_in_the_shell_reach_no_ray_log_when_storage_is_local(interrupted):
+    """Ray Tune copies the driver's AWS variables into every trial's runtime environment and Ray logs
+    runtime environments in plain text (runtime_env_agent.log); with storage that is not on S3,
+    clinft-ray withholds them from Ray. Nothing of the three runs' Ray folder holds them."""
+    logs = list(interrupted["ray_tmp"].rglob("*.log"))
+    assert any(p.name == "runtime_env_agent.log" for p in logs), "the runs' Ray logs are not where the test looks"
+    leaked = [str(p) for p in interrupted["ray_tmp"].rglob("*") if p.is_file()
+              and any(v.encode() in p.read_bytes() for v in AWS_CANARY.values())]
+    assert not leaked
