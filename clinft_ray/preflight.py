@@ -108,6 +108,53 @@ def check_storage(storage: str) -> None:
             from None
 
 
+def check_every_node_sees(cfg: StudyConfig) -> None:
+    """On a Ray cluster of several nodes, every node sees what a trial reads and writes by path: the
+    storage folder (a marker the driver writes there must be visible, so a folder that exists on each
+    node but is each node's own disk is caught), the split files and a local model folder. A trial on
+    a node without them would fail, or, worse for storage, write checkpoints no other node can load.
+    Checked with one zero-CPU Ray task per node, before any training; URIs (s3://, gs://) are the same
+    from everywhere and are not checked. Runs on the driver, after Ray is joined."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    storage = cfg.storage_path.removeprefix("file://")
+    paths = {f"tasks.{t.name}.splits.{split}": str(Path(getattr(t.splits, split)).resolve())
+             for t in cfg.tasks for split in ("train", "eval", "dev", "test")}
+    if Path(cfg.model.name_or_path).is_dir():
+        paths["model.name_or_path"] = str(Path(cfg.model.name_or_path).resolve())
+    marker = None
+    if "://" not in storage:
+        marker = Path(storage) / f".clinft-shared-check-{uuid.uuid4().hex}"
+        marker.write_text(marker.name)
+        paths["storage_path"] = str(marker)
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def missing(paths: dict[str, str]) -> list[str]:
+        return [key for key, path in paths.items() if not os.path.exists(path)]
+
+    try:
+        found = ray.get([missing.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                         .remote(paths) for n in nodes], timeout=120)
+    finally:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+    problems = []
+    for node, keys in zip(nodes, found, strict=True):
+        where = f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]})"
+        if "storage_path" in keys:
+            problems.append(f"storage_path {storage} is not shared: {where} does not see a file the driver wrote "
+                            "there, so its checkpoints would stay on its own disk; give a folder every node mounts "
+                            "at the same path (NFS, a ReadWriteMany volume) or an object store URI (s3://...)")
+        problems += [f"{key} {paths[key]} is not on {where}; put it where every node mounts the same path"
+                     for key in keys if key != "storage_path"]
+    if problems:
+        raise PreflightError("\n".join(problems))
+
+
 def _inside(path: Path, folder: Path) -> bool:
     return path != folder and folder in path.parents
 

@@ -32,6 +32,7 @@ from clinft_ray.outputs import dotted_diff, publish, register_models, stored_con
 from clinft_ray.preflight import (
     PreflightError,
     TrialResources,
+    check_every_node_sees,
     check_judge,
     check_locations,
     check_storage,
@@ -97,6 +98,7 @@ def run_study(study: Study) -> dict[str, Any]:
         check_judge(cfg.judge)
     progress = Progress(cfg.output_dir / "progress.json", cfg.study, key)
     resources = start_ray(study)
+    check_every_node_sees(cfg)  # storage, splits and model on every node of a cluster, before any training
     tracker = Tracker(uri, cfg.mlflow.experiment or cfg.study, artifact_dir=cfg.output_dir / "mlartifacts")
     tracker.send_saved(held)
     if progress.resumed:

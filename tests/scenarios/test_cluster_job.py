@@ -1,6 +1,10 @@
-"""Cluster mode for real: `ray start --head` on 127.0.0.1 and the demo study sent with `ray job submit`,
-its trials each on two Ray Train workers with their checkpoints in storage outside the output folder.
+"""Cluster mode for real: a Ray cluster of two nodes on 127.0.0.1 (`ray start --head` and `ray start
+--address`), and the demo study sent with `ray job submit`, its trials each on two Ray Train workers with
+their checkpoints in storage outside the output folder.
 
+The second node runs in a mount namespace of its own where the cluster's temp folder is a tmpfs: its
+Ray files are apart from the head's, and a folder there (`node_local`) exists on both nodes but each node
+has its own, as a node-local disk on a real cluster does.
 The cluster has token authentication on (RAY_AUTH_MODE=token), its dashboard and job API bind to
 127.0.0.1 only, and it is stopped by this module, without touching the test session's own Ray.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -27,35 +32,55 @@ pytestmark = pytest.mark.slow
 
 
 class Head:
-    """A real head node with 2 CPUs on loopback (`ray start --head --block`), that a test can stop and
-    start again as an operator restarts a head: same temp dir, new ports, the jobs' storage untouched."""
+    """A real head node with 2 CPUs on loopback (`ray start --head --block`) and a worker node with 2
+    CPUs joined to it, which a test can stop and start again as an operator restarts a cluster: same
+    temp dir, new ports, the jobs' storage untouched."""
 
     def __init__(self) -> None:
         self.temp = tempfile.mkdtemp(prefix="clinft-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+        self.node_local = Path(self.temp) / "node-local"  # the worker node has its own (see `start`)
+        self.node_local.mkdir()
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                     "RAY_USAGE_STATS_ENABLED": "0"}
         self.env.pop("RAY_ADDRESS", None)
-        self.process: subprocess.Popen | None = None
+        self.processes: list[subprocess.Popen] = []
         self.address = ""
 
+    @staticmethod
+    def _ports() -> list[str]:
+        # Ray's fixed default ports (the job agent's 52365, ...) are taken while the test session's
+        # local Ray runs, and two nodes on one machine cannot share them.
+        return [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                       "metrics-export-port", "runtime-env-agent-port")]
+
     def start(self) -> Head:
-        dashboard = free_port()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-             f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-             "--num-cpus=2", "--num-gpus=0", f"--temp-dir={self.temp}", "--disable-usage-stats",
-             # Ray's fixed default ports (the job agent's 52365, ...) are taken while the test session's
-             # local Ray runs: the head's job agent would fail to bind and no job could be submitted.
-             *(f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                       "metrics-export-port", "runtime-env-agent-port",
-                                                       "ray-client-server-port"))],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
+        dashboard, gcs = free_port(), free_port()
+        ray_start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--node-ip-address=127.0.0.1",
+                     "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats"]
+        self.processes = [subprocess.Popen(
+            [*ray_start, "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+             f"--temp-dir={self.temp}", f"--ray-client-server-port={free_port()}", *self._ports()],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
         self.address = f"http://127.0.0.1:{dashboard}"
         deadline = time.monotonic() + 120
         while _ray(["job", "list", "--address", self.address], self.env, check=False).returncode != 0:
-            assert self.process.poll() is None, "ray start --head exited"
+            assert self.processes[0].poll() is None, "ray start --head exited"
             assert time.monotonic() < deadline, "the head node's job API did not come up in 120 s"
+            time.sleep(1)
+        # The worker node, in a mount namespace where the cluster's temp dir is a tmpfs of its own: its
+        # Ray files (sessions, runtime environments, logs) apart from the head's, as on another machine,
+        # and `node_local` a folder of the same path that is its own.
+        worker = shlex.join([*ray_start, f"--address=127.0.0.1:{gcs}", '--resources={"worker_node": 1}',
+                             *self._ports()])
+        self.processes.append(subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             f"mount -t tmpfs tmpfs {shlex.quote(self.temp)} && mkdir {shlex.quote(str(self.node_local))} "
+             f"&& exec {worker}"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, text=True))
+        deadline = time.monotonic() + 120
+        while self._alive_nodes() < 2:
+            assert self.processes[1].poll() is None, f"the worker node exited: {self.processes[1].stderr.read()}"
+            assert time.monotonic() < deadline, "the worker node did not join in 120 s"
             time.sleep(1)
         # The job API answers before the head's job agent takes jobs ("No available agent to submit
         # job"): wait until a trivial job is taken.
@@ -66,26 +91,33 @@ class Head:
             time.sleep(2)
         return self
 
+    def _alive_nodes(self) -> int:
+        listed = _ray(["list", "nodes", "--address", self.address, "--format", "json"], self.env, check=False)
+        try:  # just after a start the state API may answer with a notice instead of the list
+            return sum(n.get("state") == "ALIVE" for n in json.loads(listed.stdout))
+        except ValueError:
+            return 0
+
     def stop(self) -> None:
-        """The head and every process it started, gone (as a head node lost or restarted is)."""
-        assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGTERM)  # --block: the head stops the processes it started
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:  # its graceful stop takes ~30 s; nothing of it is kept
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
+        """Both nodes and every process they started, gone (as a cluster lost or restarted is)."""
+        for process in reversed(self.processes):  # the worker node first
+            os.killpg(process.pid, signal.SIGTERM)  # --block: a node stops the processes it started
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # its graceful stop takes ~30 s; nothing of it is kept
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+        self.processes = []
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """The head node, started; `head.address` and `head.env` for clients."""
+    """The two nodes, started; `head.address` and `head.env` for clients."""
     head = Head()
     try:
         yield head.start()
     finally:
-        if head.process is not None:
-            head.stop()
+        head.stop()
         shutil.rmtree(head.temp, ignore_errors=True)
 
 
@@ -101,9 +133,11 @@ SMALL_SFT = "stage: sft\nlearning_rate: {grid: [1.0e-2]}\nmax_steps: 20\neval_st
 SMALL_DPO = "stage: dpo\nlearning_rate: {grid: [1.0e-3]}\nbeta: {grid: [0.1]}\nmax_steps: 30\neval_steps: 5\nbatch_size: 8\n"
 
 
-def _submit(head: Head, out: Path, submission_id: str, demo_dir: Path, wait: bool = True) -> bool:
+def _submit(head: Head, out: Path, submission_id: str, demo_dir: Path, wait: bool = True,
+            storage: Path | None = None) -> bool:
     """`ray job submit` as the README gives it for the demo (with the small spaces above and the demo's
-    splits trimmed); with `wait`, to the end: True if the job succeeded."""
+    splits trimmed), its checkpoints in `storage` (default: a folder beside `out`); with `wait`, to the
+    end: True if the job succeeded."""
     spaces = out.parent / "spaces"
     spaces.mkdir(exist_ok=True)
     (spaces / "sft.yaml").write_text(SMALL_SFT)
@@ -111,7 +145,7 @@ def _submit(head: Head, out: Path, submission_id: str, demo_dir: Path, wait: boo
     splits = trimmed(demo_dir / "data" / "classification", out.parent / "splits", SMALL_ROWS)
     # Each trial on two Ray Train workers (gloo), as `gpus_per_trial: 4` runs on a GPU node, with the
     # trials' checkpoints in storage shared by the cluster's nodes, outside the output folder.
-    cluster = ["--set", f"storage_path={out.parent / 'shared'}", "--set", "resources.workers_per_trial=2",
+    cluster = ["--set", f"storage_path={storage or out.parent / 'shared'}", "--set", "resources.workers_per_trial=2",
                "--set", "resources.cpus_per_trial=0.5"]
     submitted = _ray(["job", "submit", "--address", head.address, "--submission-id", submission_id,
                       *([] if wait else ["--no-wait"]), "--working-dir", ".",
@@ -149,6 +183,18 @@ def test_job_without_the_token_is_refused(cluster):
     denied = _ray(["job", "list", "--address", cluster.address], {**cluster.env, "RAY_AUTH_TOKEN": "wrong" * 8},
                   check=False)
     assert denied.returncode != 0
+
+
+def test_storage_on_a_node_local_disk_is_refused_before_training(cluster, tmp_path, demo_dir):
+    """`storage_path` a folder that each node has on its own disk: the job fails before anything trains,
+    with one line that names the node and the fix; nothing reaches MLflow."""
+    out = tmp_path / "demo"
+    assert not _submit(cluster, out, "clinft-node-local", demo_dir, storage=cluster.node_local / "ray")
+    logs = _logs(cluster, "clinft-node-local")
+    [line] = [line for line in logs.splitlines() if line.startswith("clinft: error:")]
+    assert "storage_path" in line and "is not shared: node " in line and "NFS" in line, line
+    assert "SFT sweep" not in logs and "base model on test" not in logs
+    assert not (out / "mlflow.db").exists() and not (out / "progress.json").exists()
 
 
 def test_demo_study_as_a_ray_job_stopped_resubmitted_after_a_head_restart(cluster, tmp_path, demo_dir):
