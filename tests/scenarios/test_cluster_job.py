@@ -209,9 +209,16 @@ def test_demo_study_as_a_ray_job_stopped_resubmitted_after_a_head_restart(cluste
     head, out, storage = cluster, tmp_path / "demo", tmp_path / "shared"
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
 
-    # 1. stopped once the DPO trial has checkpointed (its first eval)
+    # 1. stopped once the DPO trial's first eval (step 5) is checkpointed and in MLflow
+    def first_dpo_eval() -> bool:
+        if not any(storage.glob("uti-dpo-*/checkpoint_*")) or client.get_experiment_by_name("uti-demo") is None:
+            return False
+        runs = client.search_runs([client.get_experiment_by_name("uti-demo").experiment_id],
+                                  "tags.`clinft.stage` = 'dpo' and metrics.`dev/f1` >= 0")
+        return any("clinft.trial" in r.data.tags for r in runs)
+
     _submit(head, out, "clinft-demo-1", demo_dir, wait=False)
-    _wait(head, "clinft-demo-1", lambda: any(storage.glob("uti-dpo-*/checkpoint_*")), "DPO checkpoint")
+    _wait(head, "clinft-demo-1", first_dpo_eval, "DPO checkpoint")
     stopped = _ray(["job", "stop", "--address", head.address, "clinft-demo-1"], head.env, timeout=120)
     status = _ray(["job", "status", "--address", head.address, "clinft-demo-1"], head.env).stdout
     assert "was stopped" in status, stopped.stdout + status
