@@ -150,7 +150,10 @@ def stop_on_signals() -> None:
     SIGTERM is to die at once, leaving the study's MLflow runs RUNNING and the last seconds of Tune's
     record unsaved. A second signal of the same kind stops at once. Only the main thread can set
     handlers; elsewhere the defaults stay."""
-    from clinft_ray.sweep import request_stop
+    from clinft_ray.sweep import STOP, request_stop
+
+    STOP.clear()  # a stop of an earlier command in this process (`main` called in-process) is not this one's
+    TERMINATED.clear()
 
     def stop(signum: int, frame: object) -> None:
         if signum == signal.SIGTERM:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from clinft_ray.config import JudgeConfig, Resources, Study, StudyConfig
+from clinft_ray.config import SPLITS, JudgeConfig, Resources, Study, StudyConfig
 from clinft_ray.errors import PreflightError
 from clinft_ray.spaces import param_values
 from clinft_ray.tracking import redact_uri
@@ -123,7 +123,7 @@ def check_every_node_sees(cfg: StudyConfig) -> None:
         return
     storage = cfg.storage_path.removeprefix("file://")
     paths = {f"tasks.{t.name}.splits.{split}": str(Path(getattr(t.splits, split)).resolve())
-             for t in cfg.tasks for split in ("train", "eval", "dev", "test")}
+             for t in cfg.tasks for split in SPLITS}
     if Path(cfg.model.name_or_path).is_dir():
         paths["model.name_or_path"] = str(Path(cfg.model.name_or_path).resolve())
     marker = None

@@ -51,15 +51,15 @@ def test_trial_order_is_tunes_index_or_under_a_searcher_the_first_report():
 
 
 def _train_checkpoint(run, name: str, step: int, best: float, since_best: int) -> str:
-    """A whole clinft-ray checkpoint in a Ray Train run's folder, as rank 0 saves it."""
+    """A whole clinft-ray checkpoint in a Ray Train run's folder, with the dev state rank 0 saves in it."""
     import json
 
-    folder = run / name
-    folder.mkdir(parents=True)
-    (folder / "clinft_dev.json").write_text(json.dumps({"best": best, "since_best": since_best}))
-    (folder / "adapter_model.safetensors").write_bytes(b"w" * 8)
-    files = {f.name: f.stat().st_size for f in folder.iterdir()}
-    (folder / "clinft_checkpoint.json").write_text(json.dumps({"step": step, "files": files}))
+    from clinft_ray.trial import DEV_STATE
+
+    from helpers import whole_checkpoint
+
+    folder = whole_checkpoint(run / name, step)
+    (folder / DEV_STATE).write_text(json.dumps({"best": best, "since_best": since_best}))
     return str(folder)
 
 
